@@ -1,0 +1,1 @@
+"""raygate's components: one module per deployment, each usable alone."""

@@ -1,0 +1,158 @@
+"""The Ledger: every request's usage and outcome, in SQLite, written by one replica.
+
+Gateways buffer rows (``LedgerBuffer``) and send them in batches off the
+client's path; the single-replica ``Ledger`` deployment owns the database file,
+so SQLite never sees two writers.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import sqlite3
+import time
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+
+from pydantic import BaseModel, Field
+
+from serve_app.config import LedgerConfig
+
+logger = logging.getLogger(__name__)
+
+
+class RequestRecord(BaseModel):
+    """One request as the ledger keeps it (no message content)."""
+
+    id: str
+    created_at: float = Field(default_factory=time.time)
+    tenant: str
+    user: str
+    key_id: str
+    endpoint: str = "chat.completions"
+    requested_model: str
+    model: str | None = None
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    cost_usd: float = 0.0
+    latency_ms: float = 0.0
+    status: int = 200
+    error_code: str | None = None
+    stream: bool = False
+    cache_status: str | None = None
+    route: str | None = None
+
+
+_COLUMNS = list(RequestRecord.model_fields)
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS requests (
+    id TEXT PRIMARY KEY, created_at REAL NOT NULL, tenant TEXT NOT NULL, user TEXT NOT NULL,
+    key_id TEXT NOT NULL, endpoint TEXT NOT NULL, requested_model TEXT NOT NULL, model TEXT,
+    prompt_tokens INTEGER NOT NULL, completion_tokens INTEGER NOT NULL, cost_usd REAL NOT NULL,
+    latency_ms REAL NOT NULL, status INTEGER NOT NULL, error_code TEXT, stream INTEGER NOT NULL,
+    cache_status TEXT, route TEXT
+);
+CREATE INDEX IF NOT EXISTS requests_tenant_time ON requests (tenant, created_at);
+"""
+
+
+class Ledger:
+    """Single-replica deployment owning the SQLite ledger.
+
+    Args:
+        config: ledger settings.
+        data_dir: raygate's state dir; the database file lives under it.
+    """
+
+    def __init__(self, config: LedgerConfig, data_dir: str) -> None:
+        path = Path(data_dir) / config.db_file
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self.db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
+        self.db.execute("PRAGMA journal_mode=WAL")
+        self.db.execute("PRAGMA synchronous=NORMAL")
+        self.db.executescript(_SCHEMA)
+        self._lock = asyncio.Lock()
+        logger.info("Ledger open at %s", path)
+
+    async def record(self, rows: list[RequestRecord]) -> int:
+        """Insert a batch of rows (a row with a known id replaces the old one).
+
+        Returns:
+            The number of rows written.
+        """
+        values = [tuple(getattr(r, c) for c in _COLUMNS) for r in rows]
+        sql = f"INSERT OR REPLACE INTO requests ({', '.join(_COLUMNS)}) VALUES ({', '.join('?' * len(_COLUMNS))})"
+        async with self._lock:
+            await asyncio.to_thread(self._write, sql, values)
+        return len(values)
+
+    async def list_requests(
+        self, *, limit: int = 100, offset: int = 0, tenant: str | None = None
+    ) -> list[RequestRecord]:
+        """Return requests, newest first, optionally for one tenant."""
+        where, params = ("WHERE tenant = ?", [tenant]) if tenant else ("", [])
+        sql = f"SELECT {', '.join(_COLUMNS)} FROM requests {where} ORDER BY created_at DESC LIMIT ? OFFSET ?"
+        async with self._lock:
+            rows = await asyncio.to_thread(self._read, sql, [*params, limit, offset])
+        return [RequestRecord(**dict(zip(_COLUMNS, row))) for row in rows]
+
+    async def check_health(self) -> None:
+        """Raise if the database cannot be read."""
+        async with self._lock:
+            await asyncio.to_thread(self._read, "SELECT 1", [])
+
+    def _write(self, sql: str, values: list[tuple[object, ...]]) -> None:
+        with self.db:
+            self.db.execute("BEGIN")
+            self.db.executemany(sql, values)
+
+    def _read(self, sql: str, params: list[object]) -> list[tuple[object, ...]]:
+        return self.db.execute(sql, params).fetchall()
+
+
+class LedgerBuffer:
+    """Gateway-side buffer: collects rows and sends them in batches, off the request path.
+
+    Args:
+        send: coroutine that delivers a batch (the Ledger handle's ``record``).
+        flush_interval_s: longest a row waits before it is sent.
+        batch_size: a full batch is sent at once.
+    """
+
+    def __init__(
+        self, send: Callable[[list[RequestRecord]], Awaitable[object]], *, flush_interval_s: float, batch_size: int
+    ) -> None:
+        self._send = send
+        self._rows: list[RequestRecord] = []
+        self._interval_s = flush_interval_s
+        self._batch_size = batch_size
+        self._wakeup = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+
+    def add(self, row: RequestRecord) -> None:
+        """Queue a row; never blocks and never raises."""
+        self._rows.append(row)
+        if self._task is None:
+            self._task = asyncio.get_running_loop().create_task(self._run())
+        if len(self._rows) >= self._batch_size:
+            self._wakeup.set()
+
+    async def flush(self) -> None:
+        """Send everything buffered now. A failed batch is kept for the next try."""
+        rows, self._rows = self._rows, []
+        if not rows:
+            return
+        try:
+            await self._send(rows)
+        except Exception:  # noqa: BLE001 - the ledger being briefly down must not lose rows
+            logger.warning("Ledger write of %d rows failed; will retry", len(rows))
+            self._rows[:0] = rows
+
+    async def _run(self) -> None:
+        while True:
+            try:
+                await asyncio.wait_for(self._wakeup.wait(), self._interval_s)
+            except TimeoutError:
+                pass
+            self._wakeup.clear()
+            await self.flush()

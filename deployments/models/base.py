@@ -1,0 +1,141 @@
+"""The one engine interface every model backend implements."""
+
+from __future__ import annotations
+
+import abc
+import importlib
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+from serve_app.config import ModelConfig
+from serve_app.protocol import (
+    AssistantMessage,
+    ChatCompletionChoice,
+    ChatCompletionRequest,
+    ChatCompletionResponse,
+    ChatCompletionStreamChoice,
+    ChatCompletionStreamResponse,
+    DeltaMessage,
+    FinishReason,
+    UsageInfo,
+    new_id,
+)
+
+EngineOutput = ChatCompletionResponse | ChatCompletionStreamResponse
+
+ENGINE_CLASSES: dict[str, str] = {
+    "hf": "deployments.models.hf:HFEngine",
+    "vllm": "deployments.models.vllm:VLLMEngine",
+    "remote": "deployments.models.remote:RemoteEngine",
+}
+
+
+class Engine(abc.ABC):
+    """A model backend: a chat request in, a completion or a stream of chunks out.
+
+    Args:
+        config: the model's config (engine params, prices, limits).
+        data_dir: raygate's state dir; relative model paths live under ``<data_dir>/models``.
+    """
+
+    def __init__(self, config: ModelConfig, data_dir: str) -> None:
+        self.config = config
+        self.data_dir = data_dir
+
+    @abc.abstractmethod
+    async def start(self) -> None:
+        """Load weights or open connections. Called once, bounded by the caller's timeout."""
+
+    async def check_health(self) -> None:
+        """Raise if the engine cannot serve. The default trusts a started engine."""
+
+    @abc.abstractmethod
+    def chat(self, request: ChatCompletionRequest) -> AsyncIterator[EngineOutput]:
+        """Answer one chat request.
+
+        Args:
+            request: the validated request; ``request.model`` is the raygate model name.
+
+        Yields:
+            When ``request.stream`` is true, ``ChatCompletionStreamResponse`` chunks:
+            the first carries ``role``, the last carries ``finish_reason`` and
+            ``usage`` (always, whatever ``stream_options`` says: the gateway decides
+            what the client sees). Otherwise exactly one ``ChatCompletionResponse``
+            with ``usage``.
+
+        Raises:
+            serve_app.errors.RaygateError: failures, already translated (no library
+            exception leaves an engine).
+        """
+
+
+def load_engine_class(engine: str) -> type[Engine]:
+    """Import the engine class for an engine name (lazily: vLLM/torch load only when used)."""
+    module_name, _, class_name = ENGINE_CLASSES[engine].partition(":")
+    cls: type[Engine] = getattr(importlib.import_module(module_name), class_name)
+    return cls
+
+
+def resolve_model_path(model_path: str, data_dir: str) -> Path:
+    """Return the model dir; relative paths live under ``<data_dir>/models``.
+
+    The tiny model is generated on first use so a fresh machine needs no download.
+    """
+    from deployments.models.tiny import TINY_MODEL_NAME, ensure_tiny_model
+
+    path = Path(model_path).expanduser()
+    if not path.is_absolute():
+        path = Path(data_dir) / "models" / path
+    if model_path == TINY_MODEL_NAME:
+        ensure_tiny_model(path)
+    return path
+
+
+class ChunkFactory:
+    """Builds the chunks of one streamed answer with a shared id and model."""
+
+    def __init__(self, model: str) -> None:
+        self.id = new_id("chatcmpl")
+        self.model = model
+        self.created = int(time.time())
+
+    def chunk(
+        self, content: str | None = None, *, role: bool = False, finish_reason: FinishReason | None = None,
+        usage: UsageInfo | None = None,
+    ) -> ChatCompletionStreamResponse:
+        """Return one chunk."""
+        delta = DeltaMessage(role="assistant" if role else None, content=content)
+        choice = ChatCompletionStreamChoice(delta=delta, finish_reason=finish_reason)
+        return ChatCompletionStreamResponse(
+            id=self.id, created=self.created, model=self.model, choices=[choice], usage=usage
+        )
+
+
+async def collect_stream(
+    chunks: AsyncIterator[ChatCompletionStreamResponse], model: str
+) -> ChatCompletionResponse:
+    """Fold a chunk stream into one completion (for engines that only stream natively)."""
+    parts: list[str] = []
+    finish_reason: FinishReason | None = "stop"
+    usage = UsageInfo()
+    response_id = None
+    async for chunk in chunks:
+        response_id = response_id or chunk.id
+        for choice in chunk.choices:
+            parts.append(choice.delta.content or "")
+            finish_reason = choice.finish_reason or finish_reason
+        usage = chunk.usage or usage
+    message = AssistantMessage(content="".join(parts))
+    return ChatCompletionResponse(
+        id=response_id or new_id("chatcmpl"),
+        model=model,
+        choices=[ChatCompletionChoice(message=message, finish_reason=finish_reason)],
+        usage=usage,
+    )
+
+
+def truncate_at_stop(text: str, stops: list[str]) -> tuple[str, bool]:
+    """Cut ``text`` at the first stop sequence; return the text and whether one was found."""
+    cut = min((i for i in (text.find(s) for s in stops if s) if i >= 0), default=-1)
+    return (text[:cut], True) if cut >= 0 else (text, False)

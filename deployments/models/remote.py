@@ -1,0 +1,264 @@
+"""``RemoteEngine``: any OpenAI-compatible upstream, through the official ``openai`` SDK.
+
+The SDK runs on its aiohttp transport (``DefaultAioHttpClient``), which costs about a
+tenth of the CPU of the default httpx one per call. The SDK's own retries are off:
+raygate retries and falls back itself, across models. Every SDK call is wrapped in
+``map_openai_errors()`` so only raygate errors leave this module.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+from collections.abc import AsyncIterator, Iterator
+from typing import Any, get_args
+
+import aiohttp
+import httpx2
+import openai
+
+from deployments.models.base import ChunkFactory, Engine, EngineOutput
+from serve_app.config import ModelConfig, RemoteEngineParams
+from serve_app.errors import (
+    InvalidRequestError,
+    ServiceUnavailableError,
+    UpstreamError,
+    UpstreamTimeoutError,
+    UpstreamUnavailableError,
+)
+from serve_app.protocol import (
+    AssistantMessage,
+    ChatCompletionChoice,
+    ChatCompletionRequest,
+    ChatCompletionResponse,
+    FinishReason,
+    UsageInfo,
+)
+
+logger = logging.getLogger(__name__)
+
+_FINISH_REASONS: frozenset[str] = frozenset(get_args(FinishReason))
+_MAX_UPSTREAM_MESSAGE_CHARS = 1000
+_FORWARDED_FIELDS = ("temperature", "top_p", "frequency_penalty", "presence_penalty", "stop", "seed", "user")
+
+
+def _upstream_message(exc: openai.APIStatusError) -> str:
+    """Return the upstream's own error message (the SDK's ``str(exc)`` embeds the whole body)."""
+    body = exc.body
+    message = body.get("message") if isinstance(body, dict) else None
+    if not isinstance(message, str) or not message:
+        message = f"The upstream rejected the request (HTTP {exc.status_code})."
+    return message[:_MAX_UPSTREAM_MESSAGE_CHARS]
+
+
+def _is_timeout(exc: BaseException) -> bool:
+    """Return whether a timeout-typed SDK error really is one.
+
+    The SDK's vendored aiohttp transport (``openai/_vendor/httpx_aiohttp``) maps every
+    ``aiohttp.ClientConnectionError`` to ``httpx2.ConnectTimeout``, so a refused or
+    reset connection arrives as ``APITimeoutError``; the cause chain tells them apart.
+    """
+    seen: BaseException | None = exc
+    while seen is not None:
+        if isinstance(seen, TimeoutError):  # aiohttp's timeouts are TimeoutErrors
+            return True
+        if isinstance(seen, (aiohttp.ClientConnectionError, ConnectionError)):
+            return False
+        seen = seen.__cause__ or seen.__context__
+    return True
+
+
+@contextlib.contextmanager
+def map_openai_errors(model: str) -> Iterator[None]:
+    """Translate ``openai`` (and its transport's) exceptions into raygate errors.
+
+    Most specific first: ``APITimeoutError`` is an ``APIConnectionError``, and every
+    status error is an ``APIStatusError``. Logs carry the type and status only: the
+    SDK's messages quote upstream bodies, which may echo a key.
+
+    Args:
+        model: the raygate model name, for messages and logs.
+
+    Raises:
+        serve_app.errors.RaygateError: the translated error, ``from`` the original.
+    """
+    try:
+        yield
+    except (openai.APIConnectionError, httpx2.TransportError) as exc:  # APITimeoutError included
+        if isinstance(exc, (openai.APITimeoutError, httpx2.TimeoutException)) and _is_timeout(exc):
+            logger.warning("Upstream of model %s timed out (%s)", model, type(exc).__name__)
+            raise UpstreamTimeoutError(f"Model {model}: the upstream did not answer in time.") from exc
+        logger.warning("Upstream of model %s unreachable (%s)", model, type(exc).__name__)
+        raise UpstreamUnavailableError(f"Model {model}: the upstream could not be reached.") from exc
+    except openai.RateLimitError as exc:
+        retry_after = exc.response.headers.get("retry-after")
+        logger.warning("Upstream of model %s rate-limited raygate (retry-after %s)", model, retry_after)
+        raise UpstreamUnavailableError(
+            f"Model {model}: the upstream is rate limiting raygate.",
+            code="upstream_rate_limited",
+            headers={"Retry-After": retry_after} if retry_after else None,
+        ) from exc
+    except (openai.BadRequestError, openai.UnprocessableEntityError) as exc:
+        logger.info("Upstream of model %s refused a request (HTTP %s)", model, exc.status_code)
+        param = exc.param if isinstance(exc.param, str) else None
+        raise InvalidRequestError(_upstream_message(exc), param=param) from exc
+    except (openai.AuthenticationError, openai.PermissionDeniedError) as exc:
+        logger.error("Upstream of model %s rejected raygate's credentials (HTTP %s)", model, exc.status_code)
+        raise UpstreamError(
+            f"Model {model}: the upstream rejected raygate's credentials; the operator must fix them."
+        ) from exc
+    except openai.NotFoundError as exc:
+        logger.error("Upstream of model %s answered 404: check base_url and model", model)
+        raise UpstreamError(f"Model {model}: the upstream does not serve it (HTTP 404).") from exc
+    except openai.InternalServerError as exc:  # every 5xx
+        logger.warning("Upstream of model %s failed (HTTP %s)", model, exc.status_code)
+        raise UpstreamUnavailableError(f"Model {model}: the upstream failed (HTTP {exc.status_code}).") from exc
+    except openai.APIStatusError as exc:
+        logger.warning("Upstream of model %s answered HTTP %s", model, exc.status_code)
+        raise UpstreamError(f"Model {model}: the upstream answered HTTP {exc.status_code}.") from exc
+    except openai.OpenAIError as exc:
+        logger.warning("Upstream of model %s failed (%s)", model, type(exc).__name__)
+        raise UpstreamError(f"Model {model}: the upstream failed.") from exc
+
+
+def estimate_tokens(text: str) -> int:
+    """Rough token count (about four characters a token) for upstreams that report no usage."""
+    return (len(text) + 3) // 4
+
+
+def _finish_reason(value: str | None) -> FinishReason:
+    # Upstreams may send reasons raygate's schema lacks (``function_call``, vendor ones).
+    return value if value in _FINISH_REASONS else "stop"  # type: ignore[return-value]
+
+
+class RemoteEngine(Engine):
+    """Forwards chat requests to an OpenAI-compatible upstream.
+
+    Args:
+        config: the model's config; ``engine_params`` must be ``RemoteEngineParams``.
+        data_dir: unused (nothing is stored locally).
+    """
+
+    def __init__(self, config: ModelConfig, data_dir: str) -> None:
+        super().__init__(config, data_dir)
+        if not isinstance(config.engine_params, RemoteEngineParams):
+            raise TypeError(f"model {config.name}: RemoteEngine needs RemoteEngineParams")
+        self.params: RemoteEngineParams = config.engine_params
+        self.client: openai.AsyncOpenAI | None = None
+
+    async def start(self) -> None:
+        """Create the SDK client; no network call, the first request opens connections."""
+        params = self.params
+        api_key = os.environ.get(params.api_key_env) if params.api_key_env else None
+        if params.api_key_env and not api_key:
+            logger.warning("Model %s: environment variable %s is not set; calling without a key",
+                           self.config.name, params.api_key_env)
+        limits = httpx2.Limits(max_connections=params.max_connections,
+                               max_keepalive_connections=params.max_connections)
+        self.client = openai.AsyncOpenAI(
+            base_url=params.base_url,
+            api_key=api_key or "none",
+            default_headers=params.extra_headers,
+            timeout=params.timeout_s,
+            max_retries=0,
+            http_client=openai.DefaultAioHttpClient(limits=limits, timeout=params.timeout_s),
+        )
+
+    async def close(self) -> None:
+        """Close the connection pool (not part of ``Engine``; tests and shutdown call it)."""
+        if self.client is not None:
+            await self.client.close()
+            self.client = None
+
+    async def check_health(self) -> None:
+        """Raise if ``start()`` has not run; the upstream's health shows in the calls."""
+        if self.client is None:
+            raise ServiceUnavailableError(f"Model {self.config.name} is not started.")
+
+    def _create_kwargs(self, request: ChatCompletionRequest) -> dict[str, Any]:
+        kwargs: dict[str, Any] = {
+            "model": self.params.model,
+            "messages": [{"role": m.role, "content": m.text()} for m in request.messages],
+            "max_tokens": request.max_output_tokens(self.config.default_max_tokens),
+        }
+        for name in _FORWARDED_FIELDS:
+            value = getattr(request, name)
+            if value is not None:
+                kwargs[name] = value
+        return kwargs
+
+    def _prompt_estimate(self, request: ChatCompletionRequest) -> int:
+        return sum(estimate_tokens(m.text()) for m in request.messages)
+
+    async def chat(self, request: ChatCompletionRequest) -> AsyncIterator[EngineOutput]:
+        """Answer one request through the upstream; see ``Engine.chat`` for the contract.
+
+        Yields:
+            One ``ChatCompletionResponse``, or stream chunks whose last one carries
+            ``finish_reason`` and ``usage`` (estimated when the upstream sends none).
+
+        Raises:
+            serve_app.errors.RaygateError: the upstream's failure, translated.
+        """
+        if self.client is None:
+            raise ServiceUnavailableError(f"Model {self.config.name} is not started.")
+        kwargs = self._create_kwargs(request)
+        with map_openai_errors(self.config.name):
+            if not request.stream:
+                yield await self._complete(self.client, kwargs, request)
+                return
+            async for chunk in self._stream(self.client, kwargs, request):
+                yield chunk
+
+    async def _complete(
+        self, client: openai.AsyncOpenAI, kwargs: dict[str, Any], request: ChatCompletionRequest
+    ) -> ChatCompletionResponse:
+        completion = await client.chat.completions.create(**kwargs)
+        choice = completion.choices[0] if completion.choices else None
+        content = (choice.message.content if choice else None) or ""
+        if completion.usage is not None:
+            usage = UsageInfo.of(completion.usage.prompt_tokens, completion.usage.completion_tokens)
+        else:
+            usage = UsageInfo.of(self._prompt_estimate(request), estimate_tokens(content))
+        return ChatCompletionResponse(
+            id=completion.id,
+            created=completion.created,
+            model=self.config.name,
+            choices=[ChatCompletionChoice(
+                message=AssistantMessage(content=content),
+                finish_reason=_finish_reason(choice.finish_reason if choice else None),
+            )],
+            usage=usage,
+        )
+
+    async def _stream(
+        self, client: openai.AsyncOpenAI, kwargs: dict[str, Any], request: ChatCompletionRequest
+    ) -> AsyncIterator[EngineOutput]:
+        # Content chunks go out as they come; finish_reason and usage may arrive in
+        # separate upstream chunks (usage last, with no choices), so they are held and
+        # sent together in one final chunk.
+        factory = ChunkFactory(self.config.name)
+        first = True
+        n_content = 0
+        finish: str | None = None
+        usage: UsageInfo | None = None
+        stream = await client.chat.completions.create(
+            **kwargs, stream=True, stream_options={"include_usage": True}
+        )
+        async with stream:
+            async for upstream_chunk in stream:
+                if upstream_chunk.usage is not None:
+                    u = upstream_chunk.usage
+                    usage = UsageInfo.of(u.prompt_tokens, u.completion_tokens)
+                for choice in upstream_chunk.choices[:1]:
+                    if choice.delta.content:
+                        yield factory.chunk(choice.delta.content, role=first)
+                        first = False
+                        n_content += 1
+                    finish = choice.finish_reason or finish
+        if finish is None:
+            logger.warning("Upstream of model %s ended a stream without finish_reason", self.config.name)
+        if usage is None:
+            usage = UsageInfo.of(self._prompt_estimate(request), n_content)
+        yield factory.chunk(role=first, finish_reason=_finish_reason(finish), usage=usage)

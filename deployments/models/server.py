@@ -1,0 +1,86 @@
+"""``ModelServer``: the Serve deployment that hosts one engine for one configured model."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator
+
+from deployments.models.base import Engine, EngineOutput, load_engine_class
+from serve_app.config import ModelConfig
+from serve_app.constants import ENGINE_START_TIMEOUT_S, HEALTH_CHECK_TIMEOUT_S
+from serve_app.errors import RaygateError, ServiceUnavailableError, UpstreamUnavailableError
+from serve_app.protocol import ChatCompletionRequest, ChatCompletionResponse, ChatCompletionStreamResponse
+
+logger = logging.getLogger(__name__)
+
+
+class ModelServer:
+    """Serves one model. Errors are returned (or yielded) as ``RaygateError`` values.
+
+    Returning errors rather than raising keeps their type and fields intact across
+    Ray's process boundary, and lets the gateway tell a failure before the first
+    byte (worth a fallback) from one after it.
+
+    Args:
+        config: the model's config.
+        data_dir: raygate's state dir (model files live under it).
+        engine_cls: the engine to run; by default the one ``config.engine`` names.
+    """
+
+    async def __init__(self, config: ModelConfig, data_dir: str, *, engine_cls: type[Engine] | None = None) -> None:
+        self.config = config
+        cls = engine_cls or load_engine_class(config.engine)
+        self.engine = cls(config, data_dir)
+        logger.info("Starting %s engine for model %s", config.engine, config.name)
+        await asyncio.wait_for(self.engine.start(), ENGINE_START_TIMEOUT_S)
+        logger.info("Model %s ready", config.name)
+
+    async def complete(self, request: ChatCompletionRequest) -> ChatCompletionResponse | RaygateError:
+        """Answer a non-streaming request.
+
+        Returns:
+            The completion, or the error that stopped it.
+        """
+        request = request.model_copy(update={"stream": False})
+        try:
+            async for output in self.engine.chat(request):
+                if isinstance(output, ChatCompletionResponse):
+                    return output
+            return UpstreamUnavailableError(f"Model {self.config.name} returned no answer.")
+        except RaygateError as exc:
+            return exc
+        except Exception:  # noqa: BLE001 - an engine bug must not leak a trace to clients
+            logger.exception("Engine of model %s failed", self.config.name)
+            return UpstreamUnavailableError(f"Model {self.config.name} failed.")
+
+    async def stream(self, request: ChatCompletionRequest) -> AsyncIterator[ChatCompletionStreamResponse | RaygateError]:
+        """Answer a streaming request.
+
+        Yields:
+            Chunks (the last one with usage); on failure, one ``RaygateError`` and no more.
+        """
+        request = request.model_copy(update={"stream": True})
+        try:
+            async for output in self._chunks(self.engine.chat(request)):
+                yield output
+        except RaygateError as exc:
+            yield exc
+        except Exception:  # noqa: BLE001
+            logger.exception("Engine of model %s failed mid-stream", self.config.name)
+            yield UpstreamUnavailableError(f"Model {self.config.name} failed.")
+
+    async def check_health(self) -> None:
+        """Raise when the engine cannot serve (Serve restarts the replica)."""
+        try:
+            await asyncio.wait_for(self.engine.check_health(), HEALTH_CHECK_TIMEOUT_S)
+        except RaygateError:
+            raise
+        except Exception as exc:
+            raise ServiceUnavailableError(f"Model {self.config.name} is unhealthy.") from exc
+
+    @staticmethod
+    async def _chunks(outputs: AsyncIterator[EngineOutput]) -> AsyncIterator[ChatCompletionStreamResponse]:
+        async for output in outputs:
+            if isinstance(output, ChatCompletionStreamResponse):
+                yield output

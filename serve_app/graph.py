@@ -1,0 +1,88 @@
+"""``build_app``: serve_config.yaml's ``import_path``. Validates the config once, returns the bound graph."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from pydantic import ValidationError
+from ray import serve
+from ray.serve import Application
+from ray.serve.deployment import Deployment
+
+from deployments.embedder import Embedder
+from deployments.ledger import Ledger
+from deployments.models.server import ModelServer
+from serve_app.config import GatewayConfig, ModelConfig, StoresConfig
+from serve_app.gateway import Gateway
+from serve_app.stores import embedded_redis_url
+
+logger = logging.getLogger(__name__)
+
+# Defaults; serve_config.yaml's `deployments:` overrides any of them by deployment name.
+# Serve's default max_ongoing_requests=5 collapses throughput under concurrency (measured: DESIGN.md).
+DEFAULT_GATEWAY_OPTIONS: dict[str, Any] = {"num_replicas": 1, "max_ongoing_requests": 256,
+                                           "ray_actor_options": {"num_cpus": 0}}
+DEFAULT_MODEL_OPTIONS: dict[str, Any] = {"num_replicas": 1, "max_ongoing_requests": 64,
+                                         "ray_actor_options": {"num_cpus": 0}}
+DEFAULT_EMBEDDER_OPTIONS: dict[str, Any] = {"num_replicas": 1, "max_ongoing_requests": 128,
+                                            "ray_actor_options": {"num_cpus": 0}}
+DEFAULT_LEDGER_OPTIONS: dict[str, Any] = {"num_replicas": 1, "max_ongoing_requests": 64,
+                                          "ray_actor_options": {"num_cpus": 0}}
+
+
+def model_deployment_name(model_name: str) -> str:
+    """Return the Serve deployment name of a model (what `deployments:` entries refer to)."""
+    return "Model_" + "".join(c if c.isalnum() or c in "_-" else "_" for c in model_name)
+
+
+def build_model_deployment(model: ModelConfig, data_dir: str) -> Application:
+    """Bind the ModelServer deployment of one model."""
+    deployment: Deployment = serve.deployment(ModelServer, name=model_deployment_name(model.name),
+                                              **DEFAULT_MODEL_OPTIONS)
+    return deployment.bind(model, data_dir)
+
+
+def build_embedder_deployment(config: GatewayConfig) -> Application:
+    """Bind the Embedder deployment."""
+    return serve.deployment(Embedder, name="Embedder", **DEFAULT_EMBEDDER_OPTIONS).bind(config.embedder)
+
+
+def build_ledger_deployment(config: GatewayConfig) -> Application:
+    """Bind the Ledger deployment (one replica: it owns the SQLite file)."""
+    return serve.deployment(Ledger, name="Ledger", **DEFAULT_LEDGER_OPTIONS).bind(
+        config.ledger, config.stores.data_dir
+    )
+
+
+def load_config(args: dict[str, Any]) -> GatewayConfig:
+    """Validate the application args and resolve environment defaults.
+
+    Raises:
+        ValueError: a readable message naming each bad field.
+    """
+    try:
+        config = GatewayConfig.model_validate(args)
+    except ValidationError as exc:
+        problems = "; ".join(
+            f"{'.'.join(str(p) for p in e['loc']) or '<args>'}: {e['msg']}" for e in exc.errors()
+        )
+        raise ValueError(f"Invalid raygate config: {problems}") from None
+    stores: StoresConfig = config.stores.resolved()
+    return config.model_copy(update={"stores": stores})
+
+
+def build_app(args: dict[str, Any]) -> Application:
+    """Build raygate's graph from serve_config.yaml's ``args``.
+
+    Args:
+        args: the application args (validated by ``GatewayConfig``).
+
+    Returns:
+        The Gateway bound to its models, Embedder and Ledger.
+    """
+    config = load_config(args)
+    redis_url = config.stores.redis_url or embedded_redis_url(config.stores.data_dir)
+    models = {m.name: build_model_deployment(m, config.stores.data_dir) for m in config.models}
+    gateway = serve.deployment(Gateway, name="Gateway", **DEFAULT_GATEWAY_OPTIONS)
+    return gateway.bind(config, redis_url, models, build_embedder_deployment(config), build_ledger_deployment(config))

@@ -1,0 +1,62 @@
+"""Calls through Serve handles: bounded in time, Ray's failures turned into raygate errors."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any, TypeVar
+
+from ray import exceptions as ray_exceptions
+from ray.serve import exceptions as serve_exceptions
+
+from serve_app.errors import RaygateError, ServiceUnavailableError, UpstreamTimeoutError
+
+logger = logging.getLogger(__name__)
+T = TypeVar("T")
+
+_RAY_FAILURES = (
+    ray_exceptions.RayActorError,
+    ray_exceptions.ActorUnavailableError,
+    ray_exceptions.RayTaskError,
+    serve_exceptions.BackPressureError,
+    serve_exceptions.DeploymentUnavailableError,
+)
+
+
+@asynccontextmanager
+async def map_handle_errors(component: str, unavailable: type[RaygateError] = ServiceUnavailableError) -> AsyncIterator[None]:
+    """Translate a handle call's failures: timeouts, dead or overloaded replicas.
+
+    Args:
+        component: what was called, for messages and logs.
+        unavailable: the error raised when the component cannot answer.
+    """
+    try:
+        yield
+    except RaygateError:
+        raise
+    except TimeoutError as exc:
+        raise UpstreamTimeoutError(f"{component} did not answer in time.") from exc
+    except _RAY_FAILURES as exc:
+        logger.warning("%s call failed: %s", component, type(exc).__name__)
+        raise unavailable(f"{component} is unavailable right now; try again shortly.") from exc
+
+
+async def call(response: Any, timeout_s: float, component: str,
+               unavailable: type[RaygateError] = ServiceUnavailableError) -> Any:
+    """Await a ``DeploymentResponse`` within ``timeout_s``, with errors translated."""
+    async with map_handle_errors(component, unavailable):
+        return await asyncio.wait_for(response, timeout_s)
+
+
+async def next_item(stream: Any, timeout_s: float, component: str,
+                    unavailable: type[RaygateError] = ServiceUnavailableError) -> Any:
+    """Return the next item of a ``DeploymentResponseGenerator`` within ``timeout_s``.
+
+    Raises:
+        StopAsyncIteration: the stream ended.
+    """
+    async with map_handle_errors(component, unavailable):
+        return await asyncio.wait_for(stream.__anext__(), timeout_s)

@@ -1,0 +1,132 @@
+"""The HTTP edge: request ids, body-size limits and the one error renderer.
+
+Order matters: ``RequestContextMiddleware`` wraps the whole app so every
+response, errors included, carries ``x-request-id``, and oversized bodies are
+refused before any route parses them.
+"""
+
+from __future__ import annotations
+
+import logging
+import uuid
+from collections.abc import Callable
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import Response
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from serve_app.constants import REQUEST_ID_HEADER
+from serve_app.errors import InvalidRequestError, RaygateError, RequestTooLargeError, error_for_status
+from serve_app.errors import render_error_body
+
+logger = logging.getLogger(__name__)
+
+MAX_REQUEST_ID_CHARS = 128
+
+
+def error_response(error: RaygateError) -> Response:
+    """Render a raygate error as OpenAI's JSON error with its status and headers."""
+    return Response(render_error_body(error), status_code=error.status_code, headers=error.headers,
+                    media_type="application/json")
+
+
+class RequestContextMiddleware:
+    """Gives each request an id and enforces the body-size limit.
+
+    Args:
+        app: the wrapped ASGI app.
+        max_body_bytes: returns the limit; larger bodies are refused with 413. A callable,
+            because the limit comes from config that the Gateway receives after import.
+    """
+
+    def __init__(self, app: ASGIApp, max_body_bytes: Callable[[], int]) -> None:
+        self.app = app
+        self._limit = max_body_bytes
+
+    @property
+    def max_body_bytes(self) -> int:
+        return self._limit()
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        headers = {k.decode("latin-1"): v.decode("latin-1") for k, v in scope["headers"]}
+        # Serve's proxy gives every request an x-request-id (the client's, or a new one) and
+        # echoes it on the response; outside Serve this middleware does both.
+        given = headers.get(REQUEST_ID_HEADER, "")[:MAX_REQUEST_ID_CHARS]
+        request_id = given or f"req-{uuid.uuid4().hex}"
+        scope.setdefault("state", {})["request_id"] = request_id
+        extra_headers = [] if given else [(REQUEST_ID_HEADER.encode(), request_id.encode())]
+
+        async def send_with_id(message: Message) -> None:
+            if message["type"] == "http.response.start" and extra_headers:
+                message["headers"] = [*message.get("headers", []), *extra_headers]
+            await send(message)
+
+        length = headers.get("content-length", "")
+        if length.isdigit() and int(length) > self.max_body_bytes:
+            await error_response(self._too_large())(scope, receive, send_with_id)
+            return
+        await self.app(scope, self._limited(receive), send_with_id)
+
+    def _limited(self, receive: Receive) -> Receive:
+        """Count body bytes of chunked uploads, which carry no Content-Length."""
+        seen = 0
+
+        async def limited_receive() -> Message:
+            nonlocal seen
+            message = await receive()
+            if message["type"] == "http.request":
+                seen += len(message.get("body", b""))
+                if seen > self.max_body_bytes:
+                    raise self._too_large()
+            return message
+
+        return limited_receive
+
+    def _too_large(self) -> RequestTooLargeError:
+        return RequestTooLargeError(f"Request body is larger than the limit of {self.max_body_bytes} bytes.")
+
+
+def _validation_error(exc: RequestValidationError) -> InvalidRequestError:
+    """Describe the first validation problem, naming the field (never echoing its value)."""
+    errors = exc.errors()
+    if not errors:
+        return InvalidRequestError("Invalid request body.")
+    first = errors[0]
+    loc = [str(p) for p in first.get("loc", ()) if p != "body"]
+    param = ".".join(loc) or None
+    if first.get("type") == "json_invalid":
+        return InvalidRequestError("We could not parse the JSON body of your request.")
+    message = str(first.get("msg", "invalid value"))
+    return InvalidRequestError(f"Invalid value for '{param}': {message}" if param else message, param=param)
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    """Render every error, including framework ones, in OpenAI's shape."""
+
+    def request_id(request: Request) -> str | None:
+        return getattr(request.state, "request_id", None)
+
+    @app.exception_handler(RaygateError)
+    async def _raygate(request: Request, exc: RaygateError) -> Response:
+        return error_response(exc)
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation(request: Request, exc: RequestValidationError) -> Response:
+        return error_response(_validation_error(exc))
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(request: Request, exc: StarletteHTTPException) -> Response:
+        if isinstance(exc.__cause__, RaygateError):  # FastAPI wraps body-read errors in a 400
+            return error_response(exc.__cause__)
+        message = exc.detail if isinstance(exc.detail, str) else "HTTP error"
+        return error_response(error_for_status(exc.status_code, message))
+
+    @app.exception_handler(Exception)
+    async def _unexpected(request: Request, exc: Exception) -> Response:
+        logger.exception("Unhandled error in request %s", request_id(request))
+        return error_response(RaygateError("The server had an error while processing your request."))

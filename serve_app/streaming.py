@@ -1,0 +1,69 @@
+"""Server-sent events: chunks become ``data: {json}`` frames here and nowhere else."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+import orjson
+from pydantic import BaseModel
+
+from serve_app.errors import ErrorResponse, RaygateError
+from serve_app.protocol import ChatCompletionStreamResponse, UsageInfo
+
+DONE_FRAME = b"data: [DONE]\n\n"
+StreamItem = ChatCompletionStreamResponse | RaygateError
+
+
+def sse_frame(payload: BaseModel) -> bytes:
+    """Frame one payload as an SSE ``data:`` event."""
+    return b"data: " + orjson.dumps(payload.model_dump(mode="json")) + b"\n\n"
+
+
+async def sse_events(
+    first: ChatCompletionStreamResponse,
+    rest: Callable[[], AsyncIterator[StreamItem]],
+    *,
+    include_usage: bool,
+    on_end: Callable[[UsageInfo | None, RaygateError | None], Any],
+) -> AsyncIterator[bytes]:
+    """Turn an engine's chunks into the client's SSE stream.
+
+    The engine puts usage on its last chunk; the client gets it, if it asked
+    (``stream_options.include_usage``), as a separate final chunk with empty
+    choices, as OpenAI sends it. A failure after the first byte becomes one
+    error event; the stream always ends with ``data: [DONE]``.
+
+    Args:
+        first: the chunk already received (peeked before the response started).
+        rest: returns the remaining items.
+        include_usage: whether to send the usage chunk.
+        on_end: called once with the usage and the error, if any, however the stream ends.
+    """
+    usage: UsageInfo | None = None
+    error: RaygateError | None = None
+    last = first
+    try:
+        chunk: StreamItem = first
+        items = rest()
+        while True:
+            if isinstance(chunk, RaygateError):
+                error = chunk
+                yield sse_frame(ErrorResponse(error=error.to_info()))
+                break
+            last = chunk
+            if chunk.usage is not None:
+                usage, chunk = chunk.usage, chunk.model_copy(update={"usage": None})
+            if chunk.choices:
+                yield sse_frame(chunk)
+            try:
+                chunk = await anext(items)
+            except StopAsyncIteration:
+                break
+            except RaygateError as exc:
+                chunk = exc
+        if include_usage and usage is not None and error is None:
+            yield sse_frame(last.model_copy(update={"choices": [], "usage": usage}))
+        yield DONE_FRAME
+    finally:
+        on_end(usage, error)

@@ -1,0 +1,140 @@
+"""``raygate up``: Valkey, a local Ray head and the graph from serve_config.yaml, stopped together.
+
+The graph is deployed with Serve's own ``serve deploy`` so that ``raygate up``,
+``serve run`` and ``serve deploy`` read serve_config.yaml the same way.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from pathlib import Path
+from types import FrameType
+from typing import Any
+
+import yaml
+
+from serve_app.auth import KeyStore
+from serve_app.constants import SERVE_READY_TIMEOUT_S
+from serve_app.stores import redis_client, start_valkey
+
+logger = logging.getLogger(__name__)
+
+DASHBOARD_PORT = 8265
+REDIS_URL_FILE = "redis.url"
+
+
+def cluster_env(data_dir: Path) -> dict[str, str]:
+    """Environment for Ray and the replicas it starts."""
+    env = dict(os.environ)
+    env.setdefault("RAY_AUTH_MODE", "disabled")
+    env.setdefault("RAY_SERVE_THROUGHPUT_OPTIMIZED", "1")
+    env.setdefault("HF_HUB_OFFLINE", "1")
+    env.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+    env["RAYGATE_DATA_DIR"] = str(data_dir)
+    return env
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _ray(args: list[str], env: dict[str, str]) -> None:
+    subprocess.run([sys.executable, "-m", "ray.scripts.scripts", *args], env=env, check=True)
+
+
+def _serve_status(name: str) -> tuple[str, str]:
+    url = f"http://127.0.0.1:{DASHBOARD_PORT}/api/serve/applications/"
+    with urllib.request.urlopen(url, timeout=5) as response:  # noqa: S310 - fixed loopback URL
+        apps = json.load(response).get("applications", {})
+    app = apps.get(name, {})
+    return str(app.get("status", "NOT_STARTED")), str(app.get("message", ""))
+
+
+def wait_for_app(name: str, timeout_s: float = SERVE_READY_TIMEOUT_S) -> None:
+    """Poll Serve until the application runs.
+
+    Raises:
+        RuntimeError: the deploy failed or did not finish in time.
+    """
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            status, message = _serve_status(name)
+        except OSError:
+            status, message = "NOT_STARTED", ""
+        if status == "RUNNING":
+            return
+        if status in ("DEPLOY_FAILED", "UNHEALTHY"):
+            raise RuntimeError(f"raygate failed to deploy: {message}")
+        time.sleep(1.0)
+    raise RuntimeError(f"raygate was not running after {timeout_s:.0f} s")
+
+
+async def _create_keys(redis_url: str) -> tuple[str, str]:
+    store = KeyStore(redis_client(redis_url))
+    user_key, _ = await store.create("default", "dev", "premium")
+    admin_key, _ = await store.create("default", "admin", "enterprise", admin=True)
+    await store.redis.aclose()
+    return user_key, admin_key
+
+
+def up(config_path: Path, data_dir: Path) -> int:
+    """Start everything, print how to reach it, and stop it all on Ctrl-C or SIGTERM."""
+    from deployments.models.tiny import TINY_MODEL_NAME, ensure_tiny_model
+
+    data_dir.mkdir(parents=True, exist_ok=True)
+    serve_config = yaml.safe_load(config_path.read_text(encoding="utf-8"))
+    http = serve_config.get("http_options", {})
+    app_name = serve_config["applications"][0]["name"]
+    env = cluster_env(data_dir)
+    valkey = None
+    if not env.get("REDIS_URL"):
+        valkey = start_valkey(data_dir, port=_free_port())
+        env["REDIS_URL"] = str(valkey.connection_url)
+    (data_dir / REDIS_URL_FILE).write_text(env["REDIS_URL"], encoding="utf-8")
+    ensure_tiny_model(data_dir / "models" / TINY_MODEL_NAME)
+
+    stopping = threading.Event()
+
+    def stop(signum: int, frame: FrameType | None) -> None:
+        stopping.set()
+
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
+    try:
+        _ray(["start", "--head", "--disable-usage-stats", "--include-dashboard=true",
+              "--dashboard-host=127.0.0.1", f"--dashboard-port={DASHBOARD_PORT}"], env)
+        subprocess.run([sys.executable, "-m", "ray.serve.scripts", "deploy", str(config_path),
+                        "-a", f"http://127.0.0.1:{DASHBOARD_PORT}"], env=env, check=True)
+        wait_for_app(app_name)
+        user_key, admin_key = asyncio.run(_create_keys(env["REDIS_URL"]))
+        base = f"http://{http.get('host', '127.0.0.1')}:{http.get('port', 8000)}"
+        print(f"\nraygate is up.\n  base URL:        {base}/v1\n  Ray dashboard:   "
+              f"http://127.0.0.1:{DASHBOARD_PORT}\n  API key:         {user_key}\n"
+              f"  admin key:       {admin_key}\n  data dir:        {data_dir}\nCtrl-C stops it.\n", flush=True)
+        while not stopping.wait(1.0):
+            pass
+    finally:
+        print("Stopping raygate...", flush=True)
+        _shutdown(env, valkey)
+    return 0
+
+
+def _shutdown(env: dict[str, str], valkey: Any) -> None:
+    subprocess.run([sys.executable, "-m", "ray.serve.scripts", "shutdown", "-y", "-a",
+                    f"http://127.0.0.1:{DASHBOARD_PORT}"], env=env, check=False)
+    subprocess.run([sys.executable, "-m", "ray.scripts.scripts", "stop"], env=env, check=False)
+    if valkey is not None:
+        valkey.stop()

@@ -1,0 +1,275 @@
+"""RemoteEngine against the local fake OpenAI-compatible upstream."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from typing import Any
+
+import aiohttp
+import pytest
+
+from deployments.models.remote import RemoteEngine
+from serve_app.config import ModelConfig
+from serve_app.errors import (
+    InvalidRequestError,
+    RaygateError,
+    ServiceUnavailableError,
+    UpstreamError,
+    UpstreamTimeoutError,
+    UpstreamUnavailableError,
+)
+from serve_app.protocol import ChatCompletionRequest, ChatCompletionResponse, ChatCompletionStreamResponse
+from tests.fake_upstream import PHRASE, FakeUpstream
+
+WORDS = 8
+KEY_ENV = "RAYGATE_TEST_REMOTE_KEY"
+SECRET = "sk-test-not-a-real-key-1234"
+MESSAGES = [
+    {"role": "system", "content": "be brief"},
+    {"role": "user", "content": [{"type": "text", "text": "hello there "}, {"type": "text", "text": "friend"}]},
+]
+PROMPT_WORDS = 5  # the fake counts whitespace words of all contents
+EXPECTED_TEXT = " ".join(PHRASE[i % len(PHRASE)] for i in range(WORDS))
+
+
+@pytest.fixture
+async def upstream() -> AsyncIterator[FakeUpstream]:
+    fake = FakeUpstream(words=WORDS)
+    await fake.start()
+    yield fake
+    await fake.stop()
+
+
+def make_config(base_url: str, **params: Any) -> ModelConfig:
+    return ModelConfig.model_validate({
+        "name": "remote-test",
+        "engine": "remote",
+        "engine_params": {"base_url": base_url, "model": "upstream-model", "api_key_env": KEY_ENV, **params},
+    })
+
+
+async def started_engine(config: ModelConfig) -> RemoteEngine:
+    engine = RemoteEngine(config, data_dir="/nonexistent")
+    await engine.start()
+    return engine
+
+
+@pytest.fixture
+async def engine(upstream: FakeUpstream, monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[RemoteEngine]:
+    monkeypatch.setenv(KEY_ENV, SECRET)
+    engine = await started_engine(make_config(upstream.base_url, extra_headers={"X-Tenant": "acme"}, timeout_s=0.5))
+    yield engine
+    await engine.close()
+
+
+def make_request(stream: bool, **fields: Any) -> ChatCompletionRequest:
+    return ChatCompletionRequest.model_validate({"model": "remote-test", "messages": MESSAGES, "stream": stream,
+                                                 **fields})
+
+
+async def run(engine: RemoteEngine, request: ChatCompletionRequest) -> list[Any]:
+    return [output async for output in engine.chat(request)]
+
+
+def check_stream(chunks: list[Any]) -> tuple[str, ChatCompletionStreamResponse]:
+    """Assert the Engine.chat stream contract; return the text and the last chunk."""
+    assert chunks and all(isinstance(c, ChatCompletionStreamResponse) for c in chunks)
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert all(c.choices[0].delta.role is None for c in chunks[1:])
+    assert len({c.id for c in chunks}) == 1 and all(c.model == "remote-test" for c in chunks)
+    assert all(c.usage is None and c.choices[0].finish_reason is None for c in chunks[:-1])
+    last = chunks[-1]
+    assert last.usage is not None and last.choices[0].finish_reason is not None
+    return "".join(c.choices[0].delta.content or "" for c in chunks), last
+
+
+async def test_non_stream_answer_and_usage(engine: RemoteEngine, upstream: FakeUpstream) -> None:
+    [response] = await run(engine, make_request(False))
+    assert isinstance(response, ChatCompletionResponse)
+    assert response.model == "remote-test"
+    assert response.choices[0].message.content == EXPECTED_TEXT
+    assert response.choices[0].finish_reason == "stop"
+    assert (response.usage.prompt_tokens, response.usage.completion_tokens) == (PROMPT_WORDS, WORDS)
+    assert response.usage.total_tokens == PROMPT_WORDS + WORDS
+
+
+async def test_request_fields_are_forwarded(engine: RemoteEngine, upstream: FakeUpstream) -> None:
+    request = make_request(False, max_tokens=3, temperature=0.5, top_p=0.9, stop=["x"], seed=7, user="u1")
+    [response] = await run(engine, request)
+    assert response.usage.completion_tokens == 3
+    assert response.choices[0].finish_reason == "length"
+    body = upstream.last_body
+    assert body is not None and upstream.last_path == "/v1/chat/completions"
+    assert body["model"] == "upstream-model"
+    assert body["messages"] == [{"role": "system", "content": "be brief"},
+                                {"role": "user", "content": "hello there friend"}]
+    expected = {"max_tokens": 3, "temperature": 0.5, "top_p": 0.9, "stop": ["x"], "seed": 7, "user": "u1"}
+    assert {k: body[k] for k in expected} == expected
+
+
+async def test_default_max_tokens_is_sent(engine: RemoteEngine, upstream: FakeUpstream) -> None:
+    await run(engine, make_request(False))
+    assert upstream.last_body is not None
+    assert upstream.last_body["max_tokens"] == engine.config.default_max_tokens
+
+
+async def test_stream_contract_and_usage(engine: RemoteEngine, upstream: FakeUpstream) -> None:
+    chunks = await run(engine, make_request(True))
+    text, last = check_stream(chunks)
+    assert text == EXPECTED_TEXT
+    assert last.choices[0].finish_reason == "stop"
+    assert last.usage is not None
+    assert (last.usage.prompt_tokens, last.usage.completion_tokens) == (PROMPT_WORDS, WORDS)
+    # Usage is always asked for, whatever the client's stream_options said.
+    assert upstream.last_body is not None
+    assert upstream.last_body["stream_options"] == {"include_usage": True}
+
+
+async def test_stream_length_finish(engine: RemoteEngine) -> None:
+    text, last = check_stream(await run(engine, make_request(True, max_completion_tokens=2)))
+    assert text == " ".join(PHRASE[:2])
+    assert last.choices[0].finish_reason == "length"
+    assert last.usage is not None and last.usage.completion_tokens == 2
+
+
+async def test_api_key_and_extra_headers_reach_upstream(engine: RemoteEngine, upstream: FakeUpstream) -> None:
+    await run(engine, make_request(False))
+    assert upstream.last_api_key == SECRET
+    assert upstream.last_headers["x-tenant"] == "acme"
+    assert upstream.request_count == 1
+
+
+async def test_unset_key_env_sends_placeholder(upstream: FakeUpstream, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv(KEY_ENV, raising=False)
+    engine = await started_engine(make_config(upstream.base_url))
+    try:
+        await run(engine, make_request(False))
+    finally:
+        await engine.close()
+    assert upstream.last_api_key == "none"
+
+
+@pytest.mark.parametrize("stream", [False, True])
+async def test_missing_usage_is_estimated(engine: RemoteEngine, upstream: FakeUpstream, stream: bool) -> None:
+    upstream.omit_usage()
+    outputs = await run(engine, make_request(stream))
+    if stream:
+        _, last = check_stream(outputs)
+        usage = last.usage
+        n_content = sum(1 for c in outputs if c.choices[0].delta.content)
+        assert usage is not None and usage.completion_tokens == n_content == WORDS
+    else:
+        usage = outputs[0].usage
+        assert usage.completion_tokens > 0
+    assert usage.prompt_tokens > 0
+    assert usage.total_tokens == usage.prompt_tokens + usage.completion_tokens
+
+
+@pytest.mark.parametrize("stream", [False, True])
+@pytest.mark.parametrize(
+    ("status", "error_cls"),
+    [
+        (500, UpstreamUnavailableError),
+        (502, UpstreamUnavailableError),
+        (503, UpstreamUnavailableError),
+        (400, InvalidRequestError),
+        (401, UpstreamError),
+        (403, UpstreamError),
+        (404, UpstreamError),
+        (409, UpstreamError),
+    ],
+)
+async def test_status_faults_map_to_raygate_errors(
+    engine: RemoteEngine, upstream: FakeUpstream, status: int, error_cls: type[RaygateError], stream: bool
+) -> None:
+    upstream.fail(status, message=f"upstream says {status}")
+    with pytest.raises(error_cls) as info:
+        await run(engine, make_request(stream))
+    assert type(info.value) is error_cls
+    assert SECRET not in info.value.message
+    if status == 400:
+        assert info.value.message == "upstream says 400"
+    if status in (401, 403):
+        assert "credentials" in info.value.message
+    # The fault was used up: the next call succeeds.
+    assert len(await run(engine, make_request(stream))) >= 1
+
+
+@pytest.mark.parametrize("stream", [False, True])
+async def test_rate_limit_keeps_retry_after(engine: RemoteEngine, upstream: FakeUpstream, stream: bool) -> None:
+    upstream.fail(429, retry_after_s=7)
+    with pytest.raises(UpstreamUnavailableError) as info:
+        await run(engine, make_request(stream))
+    assert info.value.code == "upstream_rate_limited"
+    assert info.value.status_code == 503
+    assert info.value.headers == {"Retry-After": "7"}
+
+
+async def test_rate_limit_without_retry_after(engine: RemoteEngine, upstream: FakeUpstream) -> None:
+    upstream.fail(429)
+    with pytest.raises(UpstreamUnavailableError) as info:
+        await run(engine, make_request(False))
+    assert info.value.code == "upstream_rate_limited" and info.value.headers == {}
+
+
+@pytest.mark.parametrize("stream", [False, True])
+async def test_hang_maps_to_timeout(engine: RemoteEngine, upstream: FakeUpstream, stream: bool) -> None:
+    upstream.hang(seconds=30)  # engine timeout_s is 0.5; stop() wakes the handler
+    with pytest.raises(UpstreamTimeoutError) as info:
+        await run(engine, make_request(stream))
+    assert info.value.code == "upstream_timeout"
+
+
+async def test_dropped_stream_fails_mid_way(engine: RemoteEngine, upstream: FakeUpstream) -> None:
+    upstream.drop_stream(after_chunks=3)  # role chunk + 2 content chunks
+    received: list[ChatCompletionStreamResponse] = []
+    with pytest.raises(UpstreamUnavailableError):
+        async for chunk in engine.chat(make_request(True)):
+            assert isinstance(chunk, ChatCompletionStreamResponse)
+            received.append(chunk)
+    assert [c.choices[0].delta.content for c in received] == PHRASE[:1] + [" " + PHRASE[1]]
+
+
+async def test_dropped_response_fails(engine: RemoteEngine, upstream: FakeUpstream) -> None:
+    upstream.drop_stream()
+    with pytest.raises(UpstreamUnavailableError):
+        await run(engine, make_request(False))
+
+
+async def test_unreachable_upstream(monkeypatch: pytest.MonkeyPatch) -> None:
+    fake = FakeUpstream()
+    base_url = await fake.start()
+    await fake.stop()  # the port is now closed
+    engine = await started_engine(make_config(base_url))
+    try:
+        with pytest.raises(UpstreamUnavailableError) as info:
+            await run(engine, make_request(False))
+    finally:
+        await engine.close()
+    assert type(info.value) is UpstreamUnavailableError
+
+
+async def test_not_started_engine_is_unhealthy(upstream: FakeUpstream) -> None:
+    engine = RemoteEngine(make_config(upstream.base_url), data_dir="/nonexistent")
+    with pytest.raises(ServiceUnavailableError):
+        await engine.check_health()
+    await engine.start()
+    await engine.check_health()
+    await engine.close()
+
+
+async def test_faults_via_control_endpoint(engine: RemoteEngine, upstream: FakeUpstream) -> None:
+    root = upstream.base_url.removesuffix("/v1")
+    fault = {"kind": "status", "status": 503, "times": 2}
+    async with aiohttp.ClientSession() as session:
+        async with session.post(f"{root}/_control", json={"faults": [fault]}) as resp:
+            assert resp.status == 200
+    for _ in range(2):
+        with pytest.raises(UpstreamUnavailableError):
+            await run(engine, make_request(False))
+    await run(engine, make_request(False))
+    async with aiohttp.ClientSession() as session:
+        async with session.get(f"{root}/_control") as resp:
+            state = await resp.json()
+    assert state["request_count"] == 3 and state["faults"] == []
+    assert state["last_headers"]["authorization"] == f"Bearer {SECRET}"

@@ -1,0 +1,396 @@
+"""A fake OpenAI-compatible upstream, for tests and benchmarks.
+
+``FakeUpstream`` is a small aiohttp server that answers ``POST /v1/chat/completions``
+(JSON or SSE) and ``GET /v1/models`` with a deterministic text and exact usage, so
+tests can assert what an engine reports and benchmarks measure raygate, not a model:
+
+* the answer is ``words`` words of a fixed phrase (fewer when ``max_tokens`` /
+  ``max_completion_tokens`` is smaller; then ``finish_reason`` is ``"length"``);
+* ``prompt_tokens`` is the number of whitespace-separated words in all message
+  contents; ``completion_tokens`` the number of words emitted (one per content chunk).
+
+Faults are queued at run time, from Python (``fail``, ``hang``, ``drop_stream``,
+``omit_usage``) or with ``POST /_control``; each request takes the fault at the head
+of the queue. What the upstream saw (count, last body, last headers) is kept on the
+instance and served by ``GET /_control``.
+
+It must push thousands of requests a second through 1-2 cores, so the JSON bodies
+and SSE frames are built from bytes precomputed per (model, length), access logging
+is off, and nothing is copied per request that a test can compute on demand.
+
+Usage::
+
+    fake = FakeUpstream(latency_ms=0)
+    base_url = await fake.start()          # "http://127.0.0.1:<port>/v1"
+    ...
+    await fake.stop()
+
+    with FakeUpstream().run_in_thread() as base_url:   # for sync code
+        ...
+
+    python -m tests.fake_upstream --port 8100 --latency-ms 50
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import logging
+import threading
+from collections import deque
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass
+from typing import Any, Literal
+
+import orjson
+from aiohttp import web
+
+logger = logging.getLogger(__name__)
+
+FaultKind = Literal["status", "hang", "drop", "no_usage"]
+PHRASE = "the quick brown fox jumps over the lazy dog".split()
+DEFAULT_WORDS = 16
+DEFAULT_HANG_S = 60.0
+
+
+@dataclass
+class Fault:
+    """One queued fault.
+
+    Attributes:
+        kind: ``status`` (answer ``status`` with an OpenAI error body), ``hang`` (sleep
+            ``hang_s`` before any header), ``drop`` (close the connection after
+            ``after_chunks`` SSE frames; non-stream requests get half a body) or
+            ``no_usage`` (answer normally, without usage).
+        times: requests it applies to; ``None`` means every request until ``reset()``.
+    """
+
+    kind: FaultKind
+    times: int | None = 1
+    status: int = 500
+    message: str = "fake upstream failure"
+    retry_after_s: float | None = None
+    hang_s: float = DEFAULT_HANG_S
+    after_chunks: int = 2
+
+
+def _text_of(content: Any) -> str:
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):  # OpenAI content parts
+        return " ".join(p.get("text", "") for p in content if isinstance(p, dict))
+    return ""
+
+
+def count_prompt_words(body: dict[str, Any]) -> int:
+    """Return the fake's prompt token count: whitespace words of all message contents."""
+    return sum(len(_text_of(m.get("content")).split()) for m in body.get("messages") or () if isinstance(m, dict))
+
+
+class _Answer:
+    """Precomputed bytes of one (model, word count) answer."""
+
+    def __init__(self, model: str, n_words: int, finish_reason: str) -> None:
+        self.n_words = n_words
+        words = [PHRASE[i % len(PHRASE)] for i in range(n_words)]
+        pieces = [w if i == 0 else " " + w for i, w in enumerate(words)]
+        self.text = "".join(pieces)
+        m = orjson.dumps(model)
+        head = b'{"id":"chatcmpl-fake","object":"chat.completion.chunk","created":0,"model":' + m
+        self.json_head = (
+            b'{"id":"chatcmpl-fake","object":"chat.completion","created":0,"model":' + m
+            + b',"choices":[{"index":0,"message":{"role":"assistant","content":' + orjson.dumps(self.text)
+            + b'},"finish_reason":"' + finish_reason.encode() + b'"}]'
+        )
+
+        def frame(delta: bytes, finish: bytes, usage_null: bool) -> bytes:
+            tail = b',"usage":null' if usage_null else b""
+            return (
+                b"data: " + head + b',"choices":[{"index":0,"delta":' + delta
+                + b',"finish_reason":' + finish + b"}]" + tail + b"}\n\n"
+            )
+
+        # Two renderings of the frames: with and without OpenAI's '"usage":null'.
+        self.frames: dict[bool, list[bytes]] = {}
+        for usage_null in (False, True):
+            frames = [frame(b'{"role":"assistant","content":""}', b"null", usage_null)]
+            frames += [frame(b'{"content":' + orjson.dumps(p) + b"}", b"null", usage_null) for p in pieces]
+            frames.append(frame(b"{}", b'"' + finish_reason.encode() + b'"', usage_null))
+            self.frames[usage_null] = frames
+        self.joined = {k: b"".join(v) for k, v in self.frames.items()}
+        self.usage_head = b"data: " + head + b',"choices":[],"usage":'
+
+
+def _usage(prompt: int, completion: int) -> bytes:
+    return b'{"prompt_tokens":%d,"completion_tokens":%d,"total_tokens":%d}' % (prompt, completion, prompt + completion)
+
+
+class FakeUpstream:
+    """A deterministic OpenAI-compatible server with run-time fault injection.
+
+    Args:
+        latency_ms: delay before the response headers of every ``/v1`` request.
+        words: words in each answer (before ``max_tokens`` caps it).
+    """
+
+    def __init__(self, *, latency_ms: float = 0.0, words: int = DEFAULT_WORDS) -> None:
+        self.latency_ms = latency_ms
+        self.words = words
+        self.base_url = ""
+        self.faults: deque[Fault] = deque()
+        self.request_count = 0
+        self.last_path: str | None = None
+        self.last_body: dict[str, Any] | None = None
+        self._last_headers: Any = None
+        self._answers: dict[tuple[str, int], _Answer] = {}
+        self._runner: web.AppRunner | None = None
+        self._stopping: asyncio.Event | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    # -- what the upstream saw -------------------------------------------------
+
+    @property
+    def last_headers(self) -> dict[str, str]:
+        """Headers of the last ``/v1`` request, keys lower-cased (``authorization`` included)."""
+        return {k.lower(): v for k, v in (self._last_headers or {}).items()}
+
+    @property
+    def last_api_key(self) -> str | None:
+        """The bearer token (or ``x-api-key``) of the last ``/v1`` request."""
+        headers = self.last_headers
+        auth = headers.get("authorization", "")
+        return auth.removeprefix("Bearer ") if auth else headers.get("x-api-key")
+
+    # -- faults ------------------------------------------------------------------
+
+    def add_fault(self, fault: Fault) -> None:
+        """Queue a fault; requests take faults from the head of the queue."""
+        self.faults.append(fault)
+
+    def fail(self, status: int = 500, *, times: int | None = 1, retry_after_s: float | None = None,
+             message: str = "fake upstream failure") -> None:
+        """Answer the next ``times`` requests with ``status`` (and ``Retry-After`` when given)."""
+        self.add_fault(Fault("status", times, status=status, message=message, retry_after_s=retry_after_s))
+
+    def hang(self, *, times: int | None = 1, seconds: float = DEFAULT_HANG_S) -> None:
+        """Sleep ``seconds`` before any header of the next ``times`` requests (``stop()`` wakes them)."""
+        self.add_fault(Fault("hang", times, hang_s=seconds))
+
+    def drop_stream(self, *, after_chunks: int = 2, times: int | None = 1) -> None:
+        """Close the connection after ``after_chunks`` SSE frames of the next ``times`` requests."""
+        self.add_fault(Fault("drop", times, after_chunks=after_chunks))
+
+    def omit_usage(self, *, times: int | None = 1) -> None:
+        """Answer the next ``times`` requests without any usage."""
+        self.add_fault(Fault("no_usage", times))
+
+    def reset(self) -> None:
+        """Clear the faults and what was recorded."""
+        self.faults.clear()
+        self.request_count = 0
+        self.last_path = self.last_body = self._last_headers = None
+
+    def _take_fault(self) -> Fault | None:
+        if not self.faults:
+            return None
+        fault = self.faults[0]
+        if fault.times is not None:
+            fault.times -= 1
+            if fault.times <= 0:
+                self.faults.popleft()
+        return fault
+
+    # -- lifecycle ---------------------------------------------------------------
+
+    async def start(self, host: str = "127.0.0.1", port: int = 0) -> str:
+        """Serve on ``host:port`` (0 picks a free port).
+
+        Returns:
+            The OpenAI-style base URL, ``http://host:port/v1``.
+        """
+        app = web.Application()
+        app.router.add_post("/v1/chat/completions", self._chat)
+        app.router.add_get("/v1/models", self._models)
+        app.router.add_post("/v1/messages", self._messages)
+        app.router.add_get("/_control", self._get_control)
+        app.router.add_post("/_control", self._post_control)
+        self._loop = asyncio.get_running_loop()
+        self._stopping = asyncio.Event()
+        self._runner = web.AppRunner(app, access_log=None, shutdown_timeout=1.0)
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, host, port, backlog=1024)
+        await site.start()
+        bound_port = self._runner.addresses[0][1]
+        self.base_url = f"http://{host}:{bound_port}/v1"
+        return self.base_url
+
+    async def stop(self) -> None:
+        """Wake hanging requests and close the server."""
+        if self._stopping is not None:
+            self._stopping.set()
+        if self._runner is not None:
+            await self._runner.cleanup()
+            self._runner = None
+
+    @contextlib.contextmanager
+    def run_in_thread(self, host: str = "127.0.0.1", port: int = 0) -> Iterator[str]:
+        """Serve from a background thread with its own event loop, for sync code.
+
+        Yields:
+            The base URL. The Python fault methods may be called from the caller's thread.
+        """
+        loop = asyncio.new_event_loop()
+        thread = threading.Thread(target=loop.run_forever, name="fake-upstream", daemon=True)
+        thread.start()
+        try:
+            yield asyncio.run_coroutine_threadsafe(self.start(host, port), loop).result(timeout=10)
+        finally:
+            asyncio.run_coroutine_threadsafe(self.stop(), loop).result(timeout=10)
+            loop.call_soon_threadsafe(loop.stop)
+            thread.join(timeout=10)
+            loop.close()
+
+    # -- handlers ----------------------------------------------------------------
+
+    def _answer(self, model: str, n_words: int) -> _Answer:
+        answer = self._answers.get((model, n_words))
+        if answer is None:
+            answer = _Answer(model, n_words, "length" if n_words < self.words else "stop")
+            self._answers[(model, n_words)] = answer
+        return answer
+
+    async def _before_headers(self, request: web.Request, body: Any) -> Fault | None:
+        """Record the request, apply latency and pre-header faults; return the fault taken."""
+        self.request_count += 1
+        self.last_path = request.path
+        self.last_body = body
+        self._last_headers = request.headers
+        fault = self._take_fault()
+        if self.latency_ms > 0:
+            await asyncio.sleep(self.latency_ms / 1000)
+        if fault is not None and fault.kind == "hang":
+            assert self._stopping is not None
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self._stopping.wait(), fault.hang_s)
+        return fault
+
+    @staticmethod
+    def _status_response(fault: Fault) -> web.Response:
+        error_type = "invalid_request_error" if fault.status < 500 else "server_error"
+        body = {"error": {"message": fault.message, "type": error_type, "param": None, "code": None}}
+        headers = {"Retry-After": f"{fault.retry_after_s:g}"} if fault.retry_after_s is not None else None
+        return web.Response(status=fault.status, body=orjson.dumps(body), content_type="application/json",
+                            headers=headers)
+
+    async def _chat(self, request: web.Request) -> web.StreamResponse:
+        try:
+            body = orjson.loads(await request.read())
+        except orjson.JSONDecodeError:
+            body = None
+        fault = await self._before_headers(request, body)
+        if not isinstance(body, dict) or not isinstance(body.get("messages"), list):
+            return self._status_response(Fault("status", status=400, message="messages is required"))
+        if fault is not None and fault.kind == "status":
+            return self._status_response(fault)
+        limit = body.get("max_completion_tokens") or body.get("max_tokens")
+        n_words = min(self.words, limit) if isinstance(limit, int) and limit > 0 else self.words
+        answer = self._answer(str(body.get("model", "")), n_words)
+        with_usage = fault is None or fault.kind != "no_usage"
+        usage = _usage(count_prompt_words(body), n_words) if with_usage else b""
+        if not body.get("stream"):
+            payload = answer.json_head + (b',"usage":' + usage if usage else b"") + b"}"
+            if fault is not None and fault.kind == "drop":
+                return await self._drop(request, web.StreamResponse(headers={"Content-Type": "application/json"}),
+                                        payload[: len(payload) // 2])
+            return web.Response(body=payload, content_type="application/json")
+
+        options = body.get("stream_options")
+        include_usage = with_usage and isinstance(options, dict) and bool(options.get("include_usage"))
+        response = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
+        if fault is not None and fault.kind == "drop":
+            return await self._drop(request, response, b"".join(answer.frames[include_usage][: fault.after_chunks]))
+        await response.prepare(request)
+        tail = answer.usage_head + usage + b"}\n\n" if include_usage else b""
+        await response.write(answer.joined[include_usage] + tail + b"data: [DONE]\n\n")
+        await response.write_eof()
+        return response
+
+    @staticmethod
+    async def _drop(request: web.Request, response: web.StreamResponse, data: bytes) -> web.StreamResponse:
+        """Send ``data`` in a chunked body, then cut the connection mid-body."""
+        await response.prepare(request)
+        await response.write(data)
+        await response.drain()
+        assert request.transport is not None
+        request.transport.close()
+        return response
+
+    async def _models(self, request: web.Request) -> web.Response:
+        await self._before_headers(request, None)
+        body = {"object": "list", "data": [{"id": "fake-model", "object": "model", "created": 0,
+                                            "owned_by": "fake-upstream"}]}
+        return web.Response(body=orjson.dumps(body), content_type="application/json")
+
+    async def _messages(self, request: web.Request) -> web.Response:
+        # Place for the Anthropic-compatible POST /v1/messages (non-stream and SSE events
+        # message_start ... message_stop), sharing _before_headers, faults and _Answer.
+        return web.Response(status=501, text="not implemented yet")
+
+    async def _get_control(self, request: web.Request) -> web.Response:
+        state = {
+            "request_count": self.request_count,
+            "last_path": self.last_path,
+            "last_body": self.last_body,
+            "last_headers": self.last_headers,
+            "faults": [asdict(f) for f in self.faults],
+            "latency_ms": self.latency_ms,
+            "words": self.words,
+        }
+        return web.Response(body=orjson.dumps(state), content_type="application/json")
+
+    async def _post_control(self, request: web.Request) -> web.Response:
+        """Change settings or queue faults.
+
+        Body: ``{"reset": true}``, ``{"latency_ms": 50}``, ``{"words": 8}`` and/or
+        ``{"faults": [{"kind": "status", "status": 429, "retry_after_s": 2, "times": 1}, ...]}``.
+        """
+        try:
+            control = orjson.loads(await request.read())
+            if control.get("reset"):
+                self.reset()
+            if "latency_ms" in control:
+                self.latency_ms = float(control["latency_ms"])
+            if "words" in control:
+                self.words = int(control["words"])
+            for fault in control.get("faults", []):
+                self.add_fault(Fault(**fault))
+        except (orjson.JSONDecodeError, AttributeError, TypeError, ValueError) as exc:
+            return web.json_response({"error": {"message": f"bad control body: {exc}"}}, status=400)
+        return await self._get_control(request)
+
+
+async def _serve_forever(host: str, port: int, latency_ms: float, words: int) -> None:
+    fake = FakeUpstream(latency_ms=latency_ms, words=words)
+    base_url = await fake.start(host, port)
+    print(f"fake upstream listening on {base_url}", flush=True)  # benchmarks read this line
+    try:
+        await asyncio.Event().wait()
+    finally:
+        await fake.stop()
+
+
+def main(argv: list[str] | None = None) -> None:
+    """``python -m tests.fake_upstream --port P --latency-ms L``."""
+    parser = argparse.ArgumentParser(description="Fake OpenAI-compatible upstream.")
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=8100)
+    parser.add_argument("--latency-ms", type=float, default=0.0)
+    parser.add_argument("--words", type=int, default=DEFAULT_WORDS)
+    args = parser.parse_args(argv)
+    with contextlib.suppress(KeyboardInterrupt):
+        asyncio.run(_serve_forever(args.host, args.port, args.latency_ms, args.words))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,105 @@
+"""One real local Ray cluster per test session, with raygate's graph served over HTTP.
+
+The graph serves: ``tiny`` (hf engine, the generated tiny model), ``echo`` (the
+remote engine against a fake OpenAI-compatible upstream started here), and
+``broken`` (a remote model whose upstream is down, falling back to ``echo``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import socket
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.fake_upstream import FakeUpstream
+
+# Replicas inherit the environment Ray starts with: set before ray.init.
+UPSTREAM_KEY = "sk-upstream-test"
+os.environ["RAYGATE_TEST_UPSTREAM_KEY"] = UPSTREAM_KEY
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@dataclass
+class Deployed:
+    """What the tests talk to."""
+
+    base_url: str
+    api_key: str
+    admin_key: str
+    redis_url: str
+    upstream: FakeUpstream
+
+
+@pytest.fixture(scope="session")
+def fake_upstream() -> Iterator[tuple[FakeUpstream, str]]:
+    """A fake OpenAI-compatible upstream on 127.0.0.1, in a background thread."""
+    upstream = FakeUpstream()
+    with upstream.run_in_thread() as base_url:
+        yield upstream, base_url
+
+
+@pytest.fixture(scope="session")
+def ray_cluster() -> Iterator[int]:
+    """A fresh local Ray cluster (never an existing one) with Serve on a free port; yields the port."""
+    import ray
+    from ray import serve
+
+    port = free_port()
+    ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False)
+    serve.start(http_options={"host": "127.0.0.1", "port": port}, logging_config={"enable_access_log": False})
+    yield port
+    serve.shutdown()
+    ray.shutdown()
+
+
+def app_args(data_dir: Path, redis_url: str, upstream_url: str) -> dict[str, Any]:
+    """The graph's args for the integration tests."""
+    return {
+        "models": [
+            {"name": "tiny", "engine": "hf", "engine_params": {"model_path": "tiny"},
+             "input_price_per_1m_usd": 1.0, "output_price_per_1m_usd": 2.0, "default_max_tokens": 16},
+            {"name": "echo", "engine": "remote",
+             "engine_params": {"base_url": upstream_url, "model": "fake-echo", "api_key_env": "RAYGATE_TEST_UPSTREAM_KEY"},
+             "input_price_per_1m_usd": 3.0, "output_price_per_1m_usd": 6.0},
+            {"name": "broken", "engine": "remote",
+             "engine_params": {"base_url": f"http://127.0.0.1:{free_port()}/v1", "model": "x", "timeout_s": 2},
+             "fallbacks": ["echo"], "required": False},
+        ],
+        "stores": {"redis_url": redis_url, "data_dir": str(data_dir)},
+        "gateway": {"max_body_bytes": 65536, "ledger_flush_interval_s": 0.1},
+    }
+
+
+@pytest.fixture(scope="session")
+def deployed(ray_cluster: int, valkey_url: str, session_data_dir: Path,
+             fake_upstream: tuple[FakeUpstream, str]) -> Deployed:
+    """raygate's graph running on the cluster, plus a user key and an admin key."""
+    from ray import serve
+
+    from serve_app.auth import KeyStore
+    from serve_app.graph import build_app
+    from serve_app.stores import redis_client
+
+    upstream, upstream_url = fake_upstream
+    serve.run(build_app(app_args(session_data_dir, valkey_url, upstream_url)), name="raygate", route_prefix="/")
+
+    async def keys() -> tuple[str, str]:
+        store = KeyStore(redis_client(valkey_url))
+        user_key, _ = await store.create("acme", "alice", "premium")
+        admin_key, _ = await store.create("acme", "ops", "enterprise", admin=True)
+        await store.redis.aclose()
+        return user_key, admin_key
+
+    api_key, admin_key = asyncio.run(keys())
+    return Deployed(f"http://127.0.0.1:{ray_cluster}", api_key, admin_key, valkey_url, upstream)
