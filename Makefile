@@ -5,8 +5,8 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 
+# `raygate up` and the test cluster set RAY_SERVE_THROUGHPUT_OPTIMIZED=1 themselves.
 export RAY_AUTH_MODE := disabled
-export RAY_SERVE_THROUGHPUT_OPTIMIZED := 1
 export HF_HUB_OFFLINE := 1
 export VLLM_CPU_KVCACHE_SPACE := 1
 export PIP_DISABLE_PIP_VERSION_CHECK := 1

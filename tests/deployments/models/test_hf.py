@@ -198,10 +198,6 @@ async def test_model_server_in_serve_local_testing_mode(tiny_model_config: Model
 
     app = serve.deployment(ModelServer).bind(tiny_model_config, str(tmp_path))
     handle = serve.run(app, _local_testing_mode=True)
-    # Local testing mode's router always returns a concurrent future, which only the
-    # separate-loop handle path awaits correctly; tests/conftest.py sets
-    # RAY_SERVE_THROUGHPUT_OPTIMIZED=1, whose default is the same-loop path.
-    handle._init(_run_router_in_separate_loop=True)
     request = _request(temperature=0, max_tokens=6)
 
     response = await handle.complete.remote(request)
