@@ -148,6 +148,13 @@ class LedgerBuffer:
             logger.warning("Ledger write of %d rows failed; will retry", len(rows))
             self._rows[:0] = rows
 
+    async def close(self) -> None:
+        """Stop the background sender and send what is left."""
+        if self._task is not None:
+            self._task.cancel()
+            self._task = None
+        await self.flush()
+
     async def _run(self) -> None:
         while True:
             try:

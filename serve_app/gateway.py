@@ -238,6 +238,11 @@ class Gateway:
         """Revoke a key by its id."""
         return await self.keys.revoke(key_id)
 
+    async def __del__(self) -> None:
+        """Serve calls this when the replica stops: buffered ledger rows are not lost."""
+        await self.ledger_buffer.close()
+        await self.keys.redis.aclose()
+
     def _model(self, name: str) -> ModelConfig:
         model = self.config.model(name)
         if model is None:

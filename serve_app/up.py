@@ -50,10 +50,6 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def _ray(args: list[str], env: dict[str, str]) -> None:
-    subprocess.run([sys.executable, "-m", "ray.scripts.scripts", *args], env=env, check=True)
-
-
 def _serve_status(name: str) -> tuple[str, str]:
     url = f"http://127.0.0.1:{DASHBOARD_PORT}/api/serve/applications/"
     with urllib.request.urlopen(url, timeout=5) as response:  # noqa: S310 - fixed loopback URL
@@ -111,11 +107,17 @@ def up(config_path: Path, data_dir: Path) -> int:
     def stop(signum: int, frame: FrameType | None) -> None:
         stopping.set()
 
-    signal.signal(signal.SIGTERM, stop)
-    signal.signal(signal.SIGINT, stop)
+    # The cluster belongs to this process (ray.init, not `ray start`): shutting it down
+    # stops exactly its processes, where `ray stop` would kill every Ray on the machine.
+    os.environ.update(env)
+    import ray
+
     try:
-        _ray(["start", "--head", "--disable-usage-stats", "--include-dashboard=true",
-              "--dashboard-host=127.0.0.1", f"--dashboard-port={DASHBOARD_PORT}"], env)
+        ray.init(address="local", include_dashboard=True, dashboard_host="127.0.0.1",
+                 dashboard_port=DASHBOARD_PORT, configure_logging=False)
+        # After ray.init, which installs handlers of its own.
+        signal.signal(signal.SIGTERM, stop)
+        signal.signal(signal.SIGINT, stop)
         subprocess.run([sys.executable, "-m", "ray.serve.scripts", "deploy", str(config_path),
                         "-a", f"http://127.0.0.1:{DASHBOARD_PORT}"], env=env, check=True)
         wait_for_app(app_name)
@@ -128,13 +130,16 @@ def up(config_path: Path, data_dir: Path) -> int:
             pass
     finally:
         print("Stopping raygate...", flush=True)
-        _shutdown(env, valkey)
+        _shutdown(valkey)
     return 0
 
 
-def _shutdown(env: dict[str, str], valkey: Any) -> None:
-    subprocess.run([sys.executable, "-m", "ray.serve.scripts", "shutdown", "-y", "-a",
-                    f"http://127.0.0.1:{DASHBOARD_PORT}"], env=env, check=False)
-    subprocess.run([sys.executable, "-m", "ray.scripts.scripts", "stop"], env=env, check=False)
+def _shutdown(valkey: Any) -> None:
+    import ray
+    from ray import serve
+
+    if ray.is_initialized():
+        serve.shutdown()
+        ray.shutdown()
     if valkey is not None:
         valkey.stop()

@@ -50,6 +50,9 @@ class Engine(abc.ABC):
     async def check_health(self) -> None:
         """Raise if the engine cannot serve. The default trusts a started engine."""
 
+    async def close(self) -> None:
+        """Release connections and workers when the replica stops. The default holds none."""
+
     @abc.abstractmethod
     def chat(self, request: ChatCompletionRequest) -> AsyncIterator[EngineOutput]:
         """Answer one chat request.

@@ -166,7 +166,7 @@ class RemoteEngine(Engine):
         )
 
     async def close(self) -> None:
-        """Close the connection pool (not part of ``Engine``; tests and shutdown call it)."""
+        """Close the connection pool."""
         if self.client is not None:
             await self.client.close()
             self.client = None

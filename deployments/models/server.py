@@ -79,6 +79,10 @@ class ModelServer:
         except Exception as exc:
             raise ServiceUnavailableError(f"Model {self.config.name} is unhealthy.") from exc
 
+    async def __del__(self) -> None:
+        """Serve calls this when the replica stops: let the engine release what it holds."""
+        await self.engine.close()
+
     @staticmethod
     async def _chunks(outputs: AsyncIterator[EngineOutput]) -> AsyncIterator[ChatCompletionStreamResponse]:
         async for output in outputs:
