@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 
 from serve_app.auth import KeyStore
-from serve_app.stores import redis_client
+from serve_app.stores import REDIS_URL_FILE, redis_client
 
 
 def default_data_dir() -> Path:
@@ -20,8 +20,6 @@ def default_data_dir() -> Path:
 
 def _redis_url(args: argparse.Namespace) -> str:
     """--redis-url, else $REDIS_URL, else the URL `raygate up` recorded in the data dir."""
-    from serve_app.up import REDIS_URL_FILE
-
     url = args.redis_url or os.environ.get("REDIS_URL")
     recorded = default_data_dir() / REDIS_URL_FILE
     if not url and recorded.exists():

@@ -20,6 +20,7 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 VALKEY_ACTOR_NAME = "raygate-valkey"
+REDIS_URL_FILE = "redis.url"  # in the data dir: where `raygate keys` finds an embedded Valkey
 VALKEY_NAMESPACE = "raygate"
 
 
@@ -52,11 +53,17 @@ def start_valkey(data_dir: str | Path, port: int | None = None) -> "ValkeyServer
     return server
 
 
+def record_redis_url(data_dir: str | Path, url: str) -> None:
+    """Write the embedded Valkey's URL into the data dir for the ``raygate keys`` CLI."""
+    (Path(data_dir) / REDIS_URL_FILE).write_text(url, encoding="utf-8")
+
+
 class ValkeyActor:
     """Holds the embedded Valkey for clusters started without ``raygate up`` (e.g. ``serve run``)."""
 
     def __init__(self, data_dir: str) -> None:
         self.server = start_valkey(data_dir)
+        record_redis_url(data_dir, self.url())
 
     def url(self) -> str:
         """Return the server's URL."""

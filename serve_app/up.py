@@ -25,12 +25,11 @@ import yaml
 
 from serve_app.auth import KeyStore
 from serve_app.constants import SERVE_READY_TIMEOUT_S
-from serve_app.stores import redis_client, start_valkey
+from serve_app.stores import record_redis_url, redis_client, start_valkey
 
 logger = logging.getLogger(__name__)
 
 DASHBOARD_PORT = 8265
-REDIS_URL_FILE = "redis.url"
 
 
 def cluster_env(data_dir: Path) -> dict[str, str]:
@@ -99,7 +98,7 @@ def up(config_path: Path, data_dir: Path) -> int:
     if not env.get("REDIS_URL"):
         valkey = start_valkey(data_dir, port=_free_port())
         env["REDIS_URL"] = str(valkey.connection_url)
-    (data_dir / REDIS_URL_FILE).write_text(env["REDIS_URL"], encoding="utf-8")
+    record_redis_url(data_dir, env["REDIS_URL"])
     ensure_tiny_model(data_dir / "models" / TINY_MODEL_NAME)
 
     stopping = threading.Event()
