@@ -76,11 +76,13 @@ class HFEngine(Engine):
 
     async def chat(self, request: ChatCompletionRequest) -> AsyncIterator[EngineOutput]:
         """Answer one chat request; see ``Engine.chat`` for the contract."""
-        if request.stream:
-            async for chunk in self._stream(request):
-                yield chunk
-        else:
-            yield await collect_stream(self._stream(request), self.config.name)
+        # aclosing: a consumer's aclose() must reach _stream to free its semaphore slot at once.
+        async with contextlib.aclosing(self._stream(request)) as chunks:
+            if request.stream:
+                async for chunk in chunks:
+                    yield chunk
+            else:
+                yield await collect_stream(chunks, self.config.name)
 
     def _load(self) -> None:
         import torch

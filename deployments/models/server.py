@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections.abc import AsyncIterator
 
@@ -62,8 +63,10 @@ class ModelServer:
         """
         request = request.model_copy(update={"stream": True})
         try:
-            async for output in self._chunks(self.engine.chat(request)):
-                yield output
+            # aclosing: when the client goes away, the engine hears of it and stops generating.
+            async with contextlib.aclosing(self.engine.chat(request)) as outputs:
+                async for output in self._chunks(outputs):
+                    yield output
         except RaygateError as exc:
             yield exc
         except Exception:  # noqa: BLE001
