@@ -54,8 +54,9 @@ class VLLMEngineParams(BaseConfig):
 
 
 class RemoteEngineParams(BaseConfig):
-    """Any OpenAI-compatible upstream, through the official ``openai`` SDK."""
+    """A remote provider: any OpenAI-compatible upstream (``openai`` SDK) or Anthropic (``anthropic`` SDK)."""
 
+    provider: Literal["openai", "anthropic"] = Field("openai", description="API the upstream speaks.")
     base_url: str = Field(description="Upstream base URL, e.g. https://api.openai.com/v1.")
     model: str = Field(description="The upstream's name for the model.")
     api_key_env: str | None = Field(None, description="Environment variable holding the API key.")

@@ -106,14 +106,18 @@ class UsageInfo(BaseModel):
     prompt_tokens: int = 0
     completion_tokens: int = 0
     total_tokens: int = 0
+    # raygate-internal: counted by raygate because the upstream reported none. Crosses
+    # Ray's process boundary (pickle) but never reaches clients (excluded from dumps).
+    estimated: bool = Field(default=False, exclude=True)
 
     @classmethod
-    def of(cls, prompt_tokens: int, completion_tokens: int) -> "UsageInfo":
+    def of(cls, prompt_tokens: int, completion_tokens: int, *, estimated: bool = False) -> "UsageInfo":
         """Build usage with the total filled in."""
         return cls(
             prompt_tokens=prompt_tokens,
             completion_tokens=completion_tokens,
             total_tokens=prompt_tokens + completion_tokens,
+            estimated=estimated,
         )
 
 

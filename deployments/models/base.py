@@ -28,6 +28,7 @@ ENGINE_CLASSES: dict[str, str] = {
     "hf": "deployments.models.hf:HFEngine",
     "vllm": "deployments.models.vllm:VLLMEngine",
     "remote": "deployments.models.remote:RemoteEngine",
+    "remote/anthropic": "deployments.models.anthropic:AnthropicEngine",
 }
 
 
@@ -73,8 +74,10 @@ class Engine(abc.ABC):
         """
 
 
-def load_engine_class(engine: str) -> type[Engine]:
-    """Import the engine class for an engine name (lazily: vLLM/torch load only when used)."""
+def load_engine_class(config: ModelConfig) -> type[Engine]:
+    """Import the engine class a model needs (lazily: vLLM/torch load only when used)."""
+    provider = getattr(config.engine_params, "provider", "openai")
+    engine = config.engine if provider == "openai" else f"{config.engine}/{provider}"
     module_name, _, class_name = ENGINE_CLASSES[engine].partition(":")
     cls: type[Engine] = getattr(importlib.import_module(module_name), class_name)
     return cls

@@ -31,7 +31,7 @@ class ModelServer:
 
     async def __init__(self, config: ModelConfig, data_dir: str, *, engine_cls: type[Engine] | None = None) -> None:
         self.config = config
-        cls = engine_cls or load_engine_class(config.engine)
+        cls = engine_cls or load_engine_class(config)
         self.engine = cls(config, data_dir)
         logger.info("Starting %s engine for model %s", config.engine, config.name)
         await asyncio.wait_for(self.engine.start(), ENGINE_START_TIMEOUT_S)
