@@ -21,6 +21,20 @@ from serve_app.config import LedgerConfig
 logger = logging.getLogger(__name__)
 
 
+class AttemptRecord(BaseModel):
+    """One call to one model within a request (retries and fallbacks each add one)."""
+
+    number: int
+    model: str
+    status: int = 200
+    error_code: str | None = None
+    latency_ms: float = 0.0
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    cost_usd: float = 0.0
+    usage_estimated: bool = False
+
+
 class RequestRecord(BaseModel):
     """One request as the ledger keeps it (no message content)."""
 
@@ -41,9 +55,15 @@ class RequestRecord(BaseModel):
     stream: bool = False
     cache_status: str | None = None
     route: str | None = None
+    attempts: int = 0
+    fallback: bool = False
+    usage_estimated: bool = False
+    attempt_log: list[AttemptRecord] = Field(default_factory=list)
 
 
-_COLUMNS = list(RequestRecord.model_fields)
+_COLUMNS = [name for name in RequestRecord.model_fields if name != "attempt_log"]
+_ATTEMPT_COLUMNS = list(AttemptRecord.model_fields)
+_SQL_TYPES = {int: "INTEGER", float: "REAL", bool: "INTEGER"}
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS requests (
     id TEXT PRIMARY KEY, created_at REAL NOT NULL, tenant TEXT NOT NULL, user TEXT NOT NULL,
@@ -53,7 +73,30 @@ CREATE TABLE IF NOT EXISTS requests (
     cache_status TEXT, route TEXT
 );
 CREATE INDEX IF NOT EXISTS requests_tenant_time ON requests (tenant, created_at);
+CREATE TABLE IF NOT EXISTS attempts (
+    request_id TEXT NOT NULL, number INTEGER NOT NULL, model TEXT NOT NULL, status INTEGER NOT NULL,
+    error_code TEXT, latency_ms REAL NOT NULL, prompt_tokens INTEGER NOT NULL, completion_tokens INTEGER NOT NULL,
+    cost_usd REAL NOT NULL, usage_estimated INTEGER NOT NULL, PRIMARY KEY (request_id, number)
+);
 """
+
+
+def _migrate(db: sqlite3.Connection) -> None:
+    """Add columns that newer RequestRecord fields need to a database made by an older raygate."""
+    present = {row[1] for row in db.execute("PRAGMA table_info(requests)")}
+    for name in _COLUMNS:
+        if name not in present:
+            annotation = RequestRecord.model_fields[name].annotation
+            sql_type = _SQL_TYPES.get(annotation, "TEXT")  # type: ignore[arg-type]
+            default = "" if "None" in str(annotation) else " NOT NULL DEFAULT 0"
+            db.execute(f"ALTER TABLE requests ADD COLUMN {name} {sql_type}{default}")
+
+
+_INSERT_REQUEST = f"INSERT OR REPLACE INTO requests ({', '.join(_COLUMNS)}) VALUES ({', '.join('?' * len(_COLUMNS))})"
+_INSERT_ATTEMPT = (
+    f"INSERT OR REPLACE INTO attempts (request_id, {', '.join(_ATTEMPT_COLUMNS)}) "
+    f"VALUES (?, {', '.join('?' * len(_ATTEMPT_COLUMNS))})"
+)
 
 
 class Ledger:
@@ -71,6 +114,7 @@ class Ledger:
         self.db.execute("PRAGMA journal_mode=WAL")
         self.db.execute("PRAGMA synchronous=NORMAL")
         self.db.executescript(_SCHEMA)
+        _migrate(self.db)
         self._lock = asyncio.Lock()
         logger.info("Ledger open at %s", path)
 
@@ -81,10 +125,17 @@ class Ledger:
             The number of rows written.
         """
         values = [tuple(getattr(r, c) for c in _COLUMNS) for r in rows]
-        sql = f"INSERT OR REPLACE INTO requests ({', '.join(_COLUMNS)}) VALUES ({', '.join('?' * len(_COLUMNS))})"
+        attempts = [(r.id, *(getattr(a, c) for c in _ATTEMPT_COLUMNS)) for r in rows for a in r.attempt_log]
         async with self._lock:
-            await asyncio.to_thread(self._write, sql, values)
+            await asyncio.to_thread(self._write, values, attempts)
         return len(values)
+
+    async def list_attempts(self, request_id: str) -> list[AttemptRecord]:
+        """Return the calls made for one request, in order."""
+        sql = f"SELECT {', '.join(_ATTEMPT_COLUMNS)} FROM attempts WHERE request_id = ? ORDER BY number"
+        async with self._lock:
+            rows = await asyncio.to_thread(self._read, sql, [request_id])
+        return [AttemptRecord(**dict(zip(_ATTEMPT_COLUMNS, row))) for row in rows]
 
     async def list_requests(
         self, *, limit: int = 100, offset: int = 0, tenant: str | None = None
@@ -101,10 +152,11 @@ class Ledger:
         async with self._lock:
             await asyncio.to_thread(self._read, "SELECT 1", [])
 
-    def _write(self, sql: str, values: list[tuple[object, ...]]) -> None:
+    def _write(self, requests: list[tuple[object, ...]], attempts: list[tuple[object, ...]]) -> None:
         with self.db:
             self.db.execute("BEGIN")
-            self.db.executemany(sql, values)
+            self.db.executemany(_INSERT_REQUEST, requests)
+            self.db.executemany(_INSERT_ATTEMPT, attempts)
 
     def _read(self, sql: str, params: list[object]) -> list[tuple[object, ...]]:
         return self.db.execute(sql, params).fetchall()

@@ -72,6 +72,28 @@ ENGINE_PARAMS: dict[str, type[BaseConfig]] = {
 }
 
 
+class RetryConfig(BaseConfig):
+    """How a model's failed calls are retried (only retryable failures: 429, 5xx, timeouts, connections)."""
+
+    max_attempts: PositiveInt = Field(3, description="Calls to this model per request, first one included.")
+    initial_backoff_s: NonNegativeFloat = Field(0.2, description="Backoff cap of the first retry (full jitter).")
+    max_backoff_s: NonNegativeFloat = Field(4.0, description="Largest backoff cap.")
+    attempt_timeout_s: PositiveFloat = Field(60.0, description="One call, until its first byte.")
+    total_timeout_s: PositiveFloat = Field(120.0, description="All calls of a request, fallbacks included.")
+    max_retry_after_s: NonNegativeFloat = Field(30.0, description="A longer Retry-After moves on to the fallback.")
+
+
+class CircuitBreakerConfig(BaseConfig):
+    """A circuit per upstream, shared by every gateway replica through Redis."""
+
+    enabled: bool = Field(True, description="Skip an upstream that keeps failing.")
+    failure_threshold: PositiveInt = Field(5, description="Consecutive failures that open the circuit.")
+    error_rate_threshold: float = Field(0.5, gt=0, le=1, description="Failure share that opens it...")
+    min_requests: PositiveInt = Field(20, description="...once the window holds this many calls.")
+    window_s: PositiveFloat = Field(60.0, description="Window of the error rate.")
+    cooldown_s: PositiveFloat = Field(30.0, description="Open time before one half-open probe.")
+
+
 class ModelConfig(BaseConfig):
     """One served model: its engine, price and fallbacks."""
 
@@ -83,6 +105,9 @@ class ModelConfig(BaseConfig):
     fallbacks: list[str] = Field(default_factory=list, description="Models tried in order when this one fails.")
     default_max_tokens: PositiveInt = Field(256, description="Output budget when the request sets none.")
     required: bool = Field(True, description="GET /health is 503 while a required model is down.")
+    context_fallback: str | None = Field(None, description="Model with a larger window for prompts too long here.")
+    retry: RetryConfig = Field(default_factory=RetryConfig)
+    circuit_breaker: CircuitBreakerConfig = Field(default_factory=CircuitBreakerConfig)
 
     @model_validator(mode="before")
     @classmethod
@@ -128,6 +153,13 @@ class GatewaySettings(BaseConfig):
     admin_key_env: str = Field("RAYGATE_ADMIN_KEY", description="Env var with a bootstrap admin key.")
     ledger_flush_interval_s: PositiveFloat = Field(0.5, description="Ledger rows are sent in batches this often.")
     ledger_batch_size: PositiveInt = Field(256, description="... or when this many are buffered.")
+    unavailable_message: str = Field(
+        "The AI service is temporarily unavailable. Please try again in a moment.",
+        description="What clients read when no model could answer.",
+    )
+    unavailable_messages: dict[str, str] = Field(
+        default_factory=dict, description="The same per language (Accept-Language primary tag, e.g. fr)."
+    )
 
 
 class EmbedderConfig(BaseConfig):
@@ -166,6 +198,8 @@ class GatewayConfig(BaseConfig):
                 raise ValueError(f"models.{model.name}.fallbacks: unknown models {unknown}")
             if model.name in model.fallbacks:
                 raise ValueError(f"models.{model.name}.fallbacks: a model cannot fall back to itself")
+            if model.context_fallback is not None and model.context_fallback not in names:
+                raise ValueError(f"models.{model.name}.context_fallback: unknown model '{model.context_fallback}'")
         return self
 
     @field_validator("models")

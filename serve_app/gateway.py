@@ -23,9 +23,10 @@ from pydantic import BaseModel
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 
-from deployments.ledger import LedgerBuffer, RequestRecord
+from deployments.ledger import AttemptRecord, LedgerBuffer, RequestRecord
 from serve_app import __version__
 from serve_app.auth import APIKey, KeyStore, Plan
+from serve_app.circuit import CircuitBreakers
 from serve_app.config import GatewayConfig, ModelConfig
 from serve_app.constants import (
     EMBEDDER_CALL_TIMEOUT_S,
@@ -42,6 +43,7 @@ from serve_app.errors import (
     RaygateError,
     UpstreamUnavailableError,
 )
+from serve_app.dispatch import Answer, Attempt, Dispatcher
 from serve_app.handles import call, next_item
 from serve_app.middleware import RequestContextMiddleware, install_error_handlers
 from serve_app.protocol import (
@@ -101,6 +103,24 @@ def _encode_vectors(vectors: list[list[float]], encoding_format: str) -> list[li
     return [base64.b64encode(np.asarray(v, dtype="<f4").tobytes()).decode("ascii") for v in vectors]
 
 
+def _language(request: Request) -> str | None:
+    """The primary tag of the client's first preferred language ("fr-FR,fr;q=0.9" -> "fr")."""
+    header = request.headers.get("accept-language", "")
+    tag = header.split(",", 1)[0].split(";", 1)[0].strip()
+    return tag.split("-", 1)[0].lower() or None
+
+
+def _answer_headers(answer: Answer, started: float) -> dict[str, str]:
+    """Which model answered, after how many calls, and what the gateway itself cost."""
+    overhead_ms = (time.perf_counter() - started - answer.upstream_s) * 1000
+    return {
+        MODEL_HEADER: answer.model.name,
+        "x-raygate-attempts": str(len(answer.attempts)),
+        "x-raygate-fallback": "true" if answer.model.name != answer.attempts[0].model else "false",
+        "x-raygate-overhead-ms": f"{max(overhead_ms, 0.0):.2f}",
+    }
+
+
 class KeyCreateRequest(BaseModel):
     tenant: str
     user: str
@@ -129,10 +149,10 @@ class Gateway:
         ledger: DeploymentHandle,
     ) -> None:
         self.config = config
-        self.keys = KeyStore(redis_client(redis_url), os.environ.get(config.gateway.admin_key_env) or None)
+        redis = redis_client(redis_url)
+        self.keys = KeyStore(redis, os.environ.get(config.gateway.admin_key_env) or None)
         self.models = models
-        # Handles are configured once: .options() per call costs time on the hot path.
-        self.stream_handles = {name: h.options(stream=True) for name, h in models.items()}
+        self.dispatcher = Dispatcher(config, models, CircuitBreakers(redis))
         self.embedder = embedder
         self.ledger = ledger
         self.ledger_buffer = LedgerBuffer(
@@ -154,22 +174,23 @@ class Gateway:
             id=request.state.request_id, tenant=key.tenant, user=key.user, key_id=key.key_id,
             requested_model=body.model, stream=body.stream,
         )
+        attempts: list[Attempt] = []
         try:
-            answered_by, first, stream = await self._first_answer(body, model)
+            answer = await self.dispatcher.first_answer(body, model, attempts, _language(request))
         except RaygateError as exc:
-            self._record(record, started, None, None, exc)
+            self._record(record, started, None, None, exc, attempts)
             raise
-        headers = {MODEL_HEADER: answered_by.name}
-        if stream is None:
-            self._record(record, started, answered_by, first.usage, None)
-            return Response(orjson.dumps(first.model_dump(mode="json")), media_type="application/json",
+        headers = _answer_headers(answer, started)
+        if answer.stream is None:
+            self._record(record, started, answer.model, answer.first.usage, None, attempts)
+            return Response(orjson.dumps(answer.first.model_dump(mode="json")), media_type="application/json",
                             headers=headers)
 
         def on_end(usage: UsageInfo | None, error: RaygateError | None) -> None:
-            self._record(record, started, answered_by, usage, error)
+            self._record(record, started, answer.model, usage, error, attempts)
 
-        events = sse_events(first, lambda: self._rest(stream, answered_by), include_usage=body.include_usage(),
-                            on_end=on_end)
+        events = sse_events(answer.first, lambda: self._rest(answer.stream, answer.model),
+                            include_usage=body.include_usage(), on_end=on_end)
         return StreamingResponse(events, media_type="text/event-stream", headers=headers)
 
     @app.get("/v1/models", response_model=ModelList)
@@ -222,6 +243,14 @@ class Gateway:
         result: list[RequestRecord] = await call(rows, LEDGER_CALL_TIMEOUT_S, "Ledger")
         return result
 
+    @app.get("/admin/requests/{request_id}/attempts", response_model=list[AttemptRecord])
+    async def admin_request_attempts(self, request_id: str, key: APIKey = Depends(require_admin)) -> list[AttemptRecord]:
+        """Every model call made for one request (retries and fallbacks included)."""
+        await self.ledger_buffer.flush()
+        result: list[AttemptRecord] = await call(self.ledger.list_attempts.remote(request_id),
+                                                  LEDGER_CALL_TIMEOUT_S, "Ledger")
+        return result
+
     @app.post("/admin/keys")
     async def admin_create_key(self, body: KeyCreateRequest, key: APIKey = Depends(require_admin)) -> dict[str, Any]:
         """Create an API key; the key itself is shown only in this answer."""
@@ -249,39 +278,6 @@ class Gateway:
             raise ModelNotFoundError(f"The model '{name}' does not exist.", param="model")
         return model
 
-    async def _first_answer(self, body: ChatCompletionRequest, model: ModelConfig) -> tuple[ModelConfig, Any, Any]:
-        """Call the model, then its fallbacks, until one gives a first answer.
-
-        Returns:
-            The model that answered, its completion (or first chunk) and, when
-            streaming, the rest of the stream.
-        """
-        *fallbacks, last = [model] + [self._model(name) for name in model.fallbacks]
-        for candidate in fallbacks:
-            try:
-                return await self._call_model(body, candidate)
-            except UpstreamUnavailableError as exc:
-                logger.warning("Model %s unavailable (%s); trying the next", candidate.name, exc.code)
-        return await self._call_model(body, last)
-
-    async def _call_model(self, body: ChatCompletionRequest, model: ModelConfig) -> tuple[ModelConfig, Any, Any]:
-        request = body.model_copy(update={"model": model.name})
-        component = f"Model {model.name}"
-        if not body.stream:
-            response = self.models[model.name].complete.remote(request)
-            result = await call(response, MODEL_CALL_TIMEOUT_S, component, UpstreamUnavailableError)
-            if isinstance(result, RaygateError):
-                raise result
-            return model, result, None
-        stream = self.stream_handles[model.name].stream.remote(request)
-        try:
-            first = await next_item(stream, MODEL_CALL_TIMEOUT_S, component, UpstreamUnavailableError)
-        except StopAsyncIteration as exc:
-            raise UpstreamUnavailableError(f"{component} returned no answer.") from exc
-        if isinstance(first, RaygateError):
-            raise first
-        return model, first, stream
-
     async def _rest(self, stream: Any, model: ModelConfig) -> AsyncIterator[ChatCompletionStreamResponse | RaygateError]:
         while True:
             try:
@@ -291,17 +287,30 @@ class Gateway:
 
     def _record(
         self, record: RequestRecord, started: float, model: ModelConfig | None, usage: UsageInfo | None,
-        error: RaygateError | None,
+        error: RaygateError | None, attempts: list[Attempt],
     ) -> None:
+        """Queue the request's ledger row, with one attempt row per model call."""
         record.latency_ms = (time.perf_counter() - started) * 1000
+        record.attempt_log = [
+            AttemptRecord(number=i, model=a.model, status=a.status, error_code=a.error_code, latency_ms=a.latency_ms)
+            for i, a in enumerate(attempts, start=1)
+        ]
+        record.attempts = len(attempts)
         if model is not None:
             record.model = model.name
-        if usage is not None:
+            record.fallback = model.name != record.requested_model
+        if usage is not None and model is not None:
+            cost = model.cost_usd(usage.prompt_tokens, usage.completion_tokens)
             record.prompt_tokens, record.completion_tokens = usage.prompt_tokens, usage.completion_tokens
-            if model is not None:
-                record.cost_usd = model.cost_usd(usage.prompt_tokens, usage.completion_tokens)
+            record.cost_usd, record.usage_estimated = cost, usage.estimated
+            record.attempt_log[-1] = record.attempt_log[-1].model_copy(update={
+                "prompt_tokens": usage.prompt_tokens, "completion_tokens": usage.completion_tokens,
+                "cost_usd": cost, "usage_estimated": usage.estimated})
         if error is not None:
             record.status, record.error_code = error.status_code, error.code
+            if record.attempt_log and record.attempt_log[-1].status == 200:  # failed after the first byte
+                record.attempt_log[-1] = record.attempt_log[-1].model_copy(
+                    update={"status": error.status_code, "error_code": error.code})
         self.ledger_buffer.add(record)
 
     async def _send_to_ledger(self, rows: list[RequestRecord]) -> None:

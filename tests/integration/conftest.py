@@ -1,8 +1,10 @@
 """One real local Ray cluster per test session, with raygate's graph served over HTTP.
 
 The graph serves: ``tiny`` (hf engine, the generated tiny model), ``echo`` (the
-remote engine against a fake OpenAI-compatible upstream started here), and
-``broken`` (a remote model whose upstream is down, falling back to ``echo``).
+remote engine against a fake OpenAI-compatible upstream started here), ``broken``
+(a remote model whose upstream is down, falling back to ``echo``), and three models
+on a second, fault-injecting fake (``flaky`` with fallback, ``flaky-solo`` without,
+``circuit`` with a quick circuit breaker).
 """
 
 from __future__ import annotations
@@ -39,11 +41,20 @@ class Deployed:
     admin_key: str
     redis_url: str
     upstream: FakeUpstream
+    flaky: FakeUpstream
 
 
 @pytest.fixture(scope="session")
 def fake_upstream() -> Iterator[tuple[FakeUpstream, str]]:
     """A fake OpenAI-compatible upstream on 127.0.0.1, in a background thread."""
+    upstream = FakeUpstream()
+    with upstream.run_in_thread() as base_url:
+        yield upstream, base_url
+
+
+@pytest.fixture(scope="session")
+def flaky_upstream() -> Iterator[tuple[FakeUpstream, str]]:
+    """A second fake upstream, whose faults the resilience tests queue."""
     upstream = FakeUpstream()
     with upstream.run_in_thread() as base_url:
         yield upstream, base_url
@@ -66,7 +77,28 @@ def ray_cluster() -> Iterator[int]:
     ray.shutdown()
 
 
-def app_args(data_dir: Path, redis_url: str, upstream_url: str) -> dict[str, Any]:
+FAST_RETRY = {"max_attempts": 3, "initial_backoff_s": 0.05, "max_backoff_s": 0.2, "attempt_timeout_s": 1.0,
+              "total_timeout_s": 6.0, "max_retry_after_s": 5.0}
+NO_CIRCUIT = {"enabled": False}
+UNAVAILABLE_FR = "Le service est momentanément indisponible."
+
+
+def flaky_models(flaky_url: str) -> list[dict[str, Any]]:
+    """Models on the fault-injecting upstream."""
+    params = {"base_url": flaky_url, "model": "fake-flaky"}
+    return [
+        {"name": "flaky", "engine": "remote", "engine_params": params, "fallbacks": ["echo"], "retry": FAST_RETRY,
+         "circuit_breaker": NO_CIRCUIT, "required": False},
+        {"name": "flaky-solo", "engine": "remote", "engine_params": params, "required": False,
+         "retry": {**FAST_RETRY, "max_attempts": 2, "attempt_timeout_s": 0.5, "total_timeout_s": 3.0},
+         "circuit_breaker": NO_CIRCUIT},
+        {"name": "circuit", "engine": "remote", "engine_params": params, "fallbacks": ["echo"], "required": False,
+         "retry": {**FAST_RETRY, "max_attempts": 1},
+         "circuit_breaker": {"failure_threshold": 2, "cooldown_s": 1.0}},
+    ]
+
+
+def app_args(data_dir: Path, redis_url: str, upstream_url: str, flaky_url: str) -> dict[str, Any]:
     """The graph's args for the integration tests."""
     return {
         "models": [
@@ -78,15 +110,17 @@ def app_args(data_dir: Path, redis_url: str, upstream_url: str) -> dict[str, Any
             {"name": "broken", "engine": "remote",
              "engine_params": {"base_url": f"http://127.0.0.1:{free_port()}/v1", "model": "x", "timeout_s": 2},
              "fallbacks": ["echo"], "required": False},
+            *flaky_models(flaky_url),
         ],
         "stores": {"redis_url": redis_url, "data_dir": str(data_dir)},
-        "gateway": {"max_body_bytes": 65536, "ledger_flush_interval_s": 0.1},
+        "gateway": {"max_body_bytes": 65536, "ledger_flush_interval_s": 0.1,
+                    "unavailable_messages": {"fr": UNAVAILABLE_FR}},
     }
 
 
 @pytest.fixture(scope="session")
 def deployed(ray_cluster: int, valkey_url: str, session_data_dir: Path,
-             fake_upstream: tuple[FakeUpstream, str]) -> Deployed:
+             fake_upstream: tuple[FakeUpstream, str], flaky_upstream: tuple[FakeUpstream, str]) -> Deployed:
     """raygate's graph running on the cluster, plus a user key and an admin key."""
     from ray import serve
 
@@ -95,7 +129,9 @@ def deployed(ray_cluster: int, valkey_url: str, session_data_dir: Path,
     from serve_app.stores import redis_client
 
     upstream, upstream_url = fake_upstream
-    serve.run(build_app(app_args(session_data_dir, valkey_url, upstream_url)), name="raygate", route_prefix="/")
+    flaky, flaky_url = flaky_upstream
+    args = app_args(session_data_dir, valkey_url, upstream_url, flaky_url)
+    serve.run(build_app(args), name="raygate", route_prefix="/")
 
     async def keys() -> tuple[str, str]:
         store = KeyStore(redis_client(valkey_url))
@@ -105,4 +141,4 @@ def deployed(ray_cluster: int, valkey_url: str, session_data_dir: Path,
         return user_key, admin_key
 
     api_key, admin_key = asyncio.run(keys())
-    return Deployed(f"http://127.0.0.1:{ray_cluster}", api_key, admin_key, valkey_url, upstream)
+    return Deployed(f"http://127.0.0.1:{ray_cluster}", api_key, admin_key, valkey_url, upstream, flaky)

@@ -1,0 +1,107 @@
+"""Circuit breakers, one per upstream model, shared by every gateway replica through Redis.
+
+States: ``closed`` (calls go through) → ``open`` after ``failure_threshold``
+consecutive failures or an error rate over the window → after ``cooldown_s``,
+``half_open``: one probe call goes through; its success closes the circuit, its
+failure opens it again. Each transition is one Lua script, so replicas never
+disagree about a transition.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Literal
+
+import redis.asyncio as aioredis
+
+from serve_app.config import CircuitBreakerConfig
+from serve_app.stores import map_redis_errors
+
+Permission = Literal["allow", "probe", "skip"]
+KEY_PREFIX = "raygate:circuit:"
+
+# KEYS[1] circuit hash. ARGV: now, cooldown_s. Returns 1 allow, 2 probe, 0 skip.
+_ALLOW = """
+local state = redis.call('HGET', KEYS[1], 'state')
+if not state or state == 'closed' then return 1 end
+local now = tonumber(ARGV[1])
+local since = tonumber(redis.call('HGET', KEYS[1], 'since') or '0')
+if now - since >= tonumber(ARGV[2]) then
+  redis.call('HSET', KEYS[1], 'state', 'half_open', 'since', now)
+  return 2
+end
+redis.call('HINCRBY', KEYS[1], 'skipped', 1)
+return 0
+"""
+
+# KEYS[1] circuit hash. ARGV: ok(1/0), now, failure_threshold, error_rate, min_requests, window_s.
+# Returns the state after the call.
+_RECORD = """
+local now = tonumber(ARGV[2])
+local window = tonumber(ARGV[6])
+local wstart = tonumber(redis.call('HGET', KEYS[1], 'window_start') or '0')
+if now - wstart >= window then
+  redis.call('HSET', KEYS[1], 'window_start', now, 'calls', 0, 'failures', 0)
+end
+local calls = redis.call('HINCRBY', KEYS[1], 'calls', 1)
+local state = redis.call('HGET', KEYS[1], 'state') or 'closed'
+if ARGV[1] == '1' then
+  redis.call('HSET', KEYS[1], 'consecutive', 0)
+  if state ~= 'closed' then redis.call('HSET', KEYS[1], 'state', 'closed', 'since', now) end
+  return 'closed'
+end
+local failures = redis.call('HINCRBY', KEYS[1], 'failures', 1)
+local consecutive = redis.call('HINCRBY', KEYS[1], 'consecutive', 1)
+if state == 'half_open' or consecutive >= tonumber(ARGV[3])
+   or (calls >= tonumber(ARGV[5]) and failures / calls >= tonumber(ARGV[4])) then
+  if state ~= 'open' then redis.call('HINCRBY', KEYS[1], 'opened', 1) end
+  redis.call('HSET', KEYS[1], 'state', 'open', 'since', now)
+  return 'open'
+end
+return state
+"""
+
+
+class CircuitBreakers:
+    """The circuits of all upstream models.
+
+    Args:
+        redis: an asyncio client (``decode_responses=True``).
+    """
+
+    def __init__(self, redis: aioredis.Redis) -> None:
+        self.redis = redis
+        self._allow = redis.register_script(_ALLOW)
+        self._record = redis.register_script(_RECORD)
+
+    async def permission(self, model: str, config: CircuitBreakerConfig, now: float | None = None) -> Permission:
+        """Return whether a call to ``model`` may go: allow, probe (half-open) or skip (open)."""
+        if not config.enabled:
+            return "allow"
+        async with map_redis_errors("circuit check"):
+            result = await self._allow(keys=[KEY_PREFIX + model], args=[_now(now), config.cooldown_s])
+        return {1: "allow", 2: "probe", 0: "skip"}[int(result)]
+
+    async def record(self, model: str, ok: bool, config: CircuitBreakerConfig, now: float | None = None) -> str:
+        """Record a call's outcome; return the circuit's state after it."""
+        if not config.enabled:
+            return "closed"
+        args = [1 if ok else 0, _now(now), config.failure_threshold, config.error_rate_threshold,
+                config.min_requests, config.window_s]
+        async with map_redis_errors("circuit record"):
+            return str(await self._record(keys=[KEY_PREFIX + model], args=args))
+
+    async def state(self, model: str) -> dict[str, str]:
+        """Return a circuit's stored fields (state, counters), for admin views and tests."""
+        async with map_redis_errors("circuit state"):
+            fields: dict[str, str] = await self.redis.hgetall(KEY_PREFIX + model)
+        return fields
+
+    async def cooldown_left_s(self, model: str, config: CircuitBreakerConfig, now: float | None = None) -> float:
+        """Seconds until an open circuit lets a probe through (for Retry-After)."""
+        since = float((await self.state(model)).get("since", 0))
+        return max(0.0, since + config.cooldown_s - _now(now))
+
+
+def _now(now: float | None) -> float:
+    return time.time() if now is None else now

@@ -1,0 +1,89 @@
+"""The shared circuit breaker on a real Valkey, with an injected clock."""
+
+from __future__ import annotations
+
+import uuid
+
+import pytest
+
+from serve_app.circuit import CircuitBreakers
+from serve_app.config import CircuitBreakerConfig
+from serve_app.stores import redis_client
+
+CONFIG = CircuitBreakerConfig(failure_threshold=3, error_rate_threshold=0.5, min_requests=10, window_s=60,
+                              cooldown_s=30)
+
+
+@pytest.fixture
+def breakers(valkey_url: str) -> CircuitBreakers:
+    return CircuitBreakers(redis_client(valkey_url))
+
+
+@pytest.fixture
+def model() -> str:
+    return f"m-{uuid.uuid4().hex[:8]}"
+
+
+async def fail(breakers: CircuitBreakers, model: str, times: int, now: float) -> str:
+    state = ""
+    for _ in range(times):
+        state = await breakers.record(model, False, CONFIG, now=now)
+    return state
+
+
+async def test_consecutive_failures_open_then_skip(breakers: CircuitBreakers, model: str) -> None:
+    assert await fail(breakers, model, 2, now=1000) == "closed"
+    assert await breakers.permission(model, CONFIG, now=1000) == "allow"
+    assert await fail(breakers, model, 1, now=1000) == "open"
+    assert await breakers.permission(model, CONFIG, now=1010) == "skip"
+    assert await breakers.cooldown_left_s(model, CONFIG, now=1010) == pytest.approx(20)
+
+
+async def test_a_success_resets_the_consecutive_count(breakers: CircuitBreakers, model: str) -> None:
+    await fail(breakers, model, 2, now=1000)
+    await breakers.record(model, True, CONFIG, now=1000)
+    assert await fail(breakers, model, 2, now=1000) == "closed"
+
+
+async def test_half_open_probe_success_closes(breakers: CircuitBreakers, model: str) -> None:
+    await fail(breakers, model, 3, now=1000)
+    assert await breakers.permission(model, CONFIG, now=1030) == "probe"
+    assert await breakers.permission(model, CONFIG, now=1030) == "skip"  # one probe at a time
+    assert await breakers.record(model, True, CONFIG, now=1031) == "closed"
+    assert await breakers.permission(model, CONFIG, now=1031) == "allow"
+
+
+async def test_half_open_probe_failure_reopens(breakers: CircuitBreakers, model: str) -> None:
+    await fail(breakers, model, 3, now=1000)
+    assert await breakers.permission(model, CONFIG, now=1030) == "probe"
+    assert await breakers.record(model, False, CONFIG, now=1031) == "open"
+    assert await breakers.permission(model, CONFIG, now=1040) == "skip"
+    assert await breakers.permission(model, CONFIG, now=1061) == "probe"
+
+
+async def test_error_rate_opens_without_consecutive_failures(breakers: CircuitBreakers, model: str) -> None:
+    state = "closed"
+    for i in range(10):  # alternate: never 3 in a row; 5 of 10 fail, the last call succeeding
+        state = await breakers.record(model, i % 2 == 1, CONFIG, now=1000 + i)
+    assert state == "closed"
+    assert await breakers.record(model, False, CONFIG, now=1011) == "open"  # 6 of 11: over the rate
+
+
+async def test_error_rate_window_rolls_over(breakers: CircuitBreakers, model: str) -> None:
+    for i in range(8):
+        await breakers.record(model, i % 2 == 1, CONFIG, now=1000)
+    for i in range(4):  # a new window: the old failures no longer count
+        assert await breakers.record(model, i % 2 == 1, CONFIG, now=1100) == "closed"
+
+
+async def test_disabled_breaker_always_allows(breakers: CircuitBreakers, model: str) -> None:
+    off = CircuitBreakerConfig(enabled=False, failure_threshold=1)
+    await breakers.record(model, False, off, now=1000)
+    assert await breakers.permission(model, off, now=1000) == "allow"
+
+
+async def test_two_gateway_replicas_share_one_circuit(valkey_url: str, model: str) -> None:
+    a, b = CircuitBreakers(redis_client(valkey_url)), CircuitBreakers(redis_client(valkey_url))
+    await fail(a, model, 2, now=1000)
+    assert await fail(b, model, 1, now=1000) == "open"
+    assert await a.permission(model, CONFIG, now=1001) == "skip"
