@@ -1,18 +1,29 @@
-"""A fake OpenAI-compatible upstream, for tests and benchmarks.
+"""A fake OpenAI- and Anthropic-compatible upstream, for tests and benchmarks.
 
 ``FakeUpstream`` is a small aiohttp server that answers ``POST /v1/chat/completions``
-(JSON or SSE) and ``GET /v1/models`` with a deterministic text and exact usage, so
-tests can assert what an engine reports and benchmarks measure raygate, not a model:
+(JSON or SSE), Anthropic's ``POST /v1/messages`` (JSON or SSE with ``event:`` lines)
+and ``GET /v1/models`` with a deterministic text and exact usage, so tests can
+assert what an engine reports and benchmarks measure raygate, not a model:
 
 * the answer is ``words`` words of a fixed phrase (fewer when ``max_tokens`` /
-  ``max_completion_tokens`` is smaller; then ``finish_reason`` is ``"length"``);
+  ``max_completion_tokens`` is smaller; then ``finish_reason`` is ``"length"``,
+  Anthropic's ``stop_reason`` ``"max_tokens"``);
 * ``prompt_tokens`` is the number of whitespace-separated words in all message
   contents; ``completion_tokens`` the number of words emitted (one per content chunk).
+  Anthropic's ``input_tokens`` counts the words of ``system`` too;
+* ``/v1/messages`` honours ``stop_sequences``: the text ends before the first one
+  (``stop_reason`` ``"stop_sequence"``). It is stricter than Anthropic about roles:
+  ``user`` and ``assistant`` must alternate, starting with ``user``, so tests catch
+  a translation that forgot to merge turns. Like Anthropic, it refuses sampling
+  parameters under ``anthropic-version`` 2026-10-21 (SDK 2.x's default) and later,
+  and a ``temperature`` above 1 under older versions.
 
 Faults are queued at run time, from Python (``fail``, ``hang``, ``drop_stream``,
-``omit_usage``) or with ``POST /_control``; each request takes the fault at the head
-of the queue. What the upstream saw (count, last body, last headers) is kept on the
-instance and served by ``GET /_control``.
+``omit_usage``, ``stream_error``) or with ``POST /_control``; each request takes the
+fault at the head of the queue, whichever route it calls. Status faults have each
+API's error body (``{"error": {...}}`` or ``{"type": "error", "error": {...}}``).
+What the upstream saw (count, last body, last headers) is kept on the instance and
+served by ``GET /_control``.
 
 It must push thousands of requests a second through 1-2 cores, so the JSON bodies
 and SSE frames are built from bytes precomputed per (model, length), access logging
@@ -48,7 +59,7 @@ from aiohttp import web
 
 logger = logging.getLogger(__name__)
 
-FaultKind = Literal["status", "hang", "drop", "no_usage"]
+FaultKind = Literal["status", "hang", "drop", "no_usage", "stream_error"]
 PHRASE = "the quick brown fox jumps over the lazy dog".split()
 DEFAULT_WORDS = 16
 DEFAULT_HANG_S = 60.0
@@ -62,7 +73,9 @@ class Fault:
         kind: ``status`` (answer ``status`` with an OpenAI error body), ``hang`` (sleep
             ``hang_s`` before any header), ``drop`` (close the connection after
             ``after_chunks`` SSE frames; non-stream requests get half a body) or
-            ``no_usage`` (answer normally, without usage).
+            ``no_usage`` (answer normally, without usage) or ``stream_error`` (Anthropic
+            streams only: an ``error`` event after ``after_chunks`` events, of the type
+            Anthropic uses for ``status``; other requests answer normally).
         times: requests it applies to; ``None`` means every request until ``reset()``.
     """
 
@@ -93,8 +106,7 @@ class _Answer:
 
     def __init__(self, model: str, n_words: int, finish_reason: str) -> None:
         self.n_words = n_words
-        words = [PHRASE[i % len(PHRASE)] for i in range(n_words)]
-        pieces = [w if i == 0 else " " + w for i, w in enumerate(words)]
+        pieces = _pieces(n_words)
         self.text = "".join(pieces)
         m = orjson.dumps(model)
         head = b'{"id":"chatcmpl-fake","object":"chat.completion.chunk","created":0,"model":' + m
@@ -122,6 +134,116 @@ class _Answer:
         self.usage_head = b"data: " + head + b',"choices":[],"usage":'
 
 
+# Anthropic's error ``type`` per HTTP status: https://docs.anthropic.com/en/api/errors
+_ANTHROPIC_ERROR_TYPES = {
+    400: "invalid_request_error", 401: "authentication_error", 402: "billing_error", 403: "permission_error",
+    404: "not_found_error", 413: "request_too_large", 429: "rate_limit_error", 500: "api_error",
+    504: "timeout_error", 529: "overloaded_error",
+}
+
+
+# The first Anthropic API version that refuses sampling parameters (versions are ISO dates).
+_NO_SAMPLING_API_VERSION = "2026-10-21"
+
+
+def anthropic_error_type(status: int) -> str:
+    """Return the error ``type`` Anthropic sends with ``status``."""
+    return _ANTHROPIC_ERROR_TYPES.get(status, "api_error" if status >= 500 else "invalid_request_error")
+
+
+def count_input_words(body: dict[str, Any]) -> int:
+    """Return the fake's Anthropic ``input_tokens``: whitespace words of ``system`` and all messages."""
+    return len(_text_of(body.get("system")).split()) + count_prompt_words(body)
+
+
+def _sse_event(event: bytes, data: bytes) -> bytes:
+    return b"event: " + event + b"\ndata: " + data + b"\n\n"
+
+
+def _pieces(n_words: int) -> list[str]:
+    words = [PHRASE[i % len(PHRASE)] for i in range(n_words)]
+    return [w if i == 0 else " " + w for i, w in enumerate(words)]
+
+
+def _cut_at_stop(pieces: list[str], stops: list[str]) -> tuple[list[str], str | None]:
+    """Return the pieces before the first stop sequence (the last one cut short) and that sequence."""
+    text = "".join(pieces)
+    cut, hit = min(((text.find(s), s) for s in stops if s and s in text), default=(-1, None))
+    if hit is None:
+        return pieces, None
+    kept: list[str] = []
+    pos = 0
+    for piece in pieces:
+        if pos >= cut:
+            break
+        kept.append(piece[: cut - pos])
+        pos += len(piece)
+    return kept, hit
+
+
+class _MessagesAnswer:
+    """Precomputed bytes of one Anthropic ``/v1/messages`` answer."""
+
+    def __init__(self, model: str, pieces: list[str], stop_reason: str, stop_sequence: str | None) -> None:
+        self.n_words = len(pieces)
+        self.text = "".join(pieces)
+        m = orjson.dumps(model)
+        message = b'{"id":"msg_fake","type":"message","role":"assistant","model":' + m
+        stop = b'"stop_reason":"' + stop_reason.encode() + b'","stop_sequence":' + orjson.dumps(stop_sequence)
+        content = b'[{"type":"text","text":' + orjson.dumps(self.text) + b"}]" if self.text else b"[]"
+        self.json_head = message + b',"content":' + content + b"," + stop
+        self.start_head = message + b',"content":[],"stop_reason":null,"stop_sequence":null'
+        self.body_frames = [
+            _sse_event(b"content_block_start",
+                       b'{"type":"content_block_start","index":0,"content_block":{"type":"text","text":""}}'),
+            _sse_event(b"ping", b'{"type":"ping"}'),
+            *(_sse_event(b"content_block_delta", b'{"type":"content_block_delta","index":0,"delta":'
+                         b'{"type":"text_delta","text":' + orjson.dumps(p) + b"}}") for p in pieces),
+            _sse_event(b"content_block_stop", b'{"type":"content_block_stop","index":0}'),
+        ]
+        delta = b'{"type":"message_delta","delta":{' + stop + b"}"
+        self.delta_frames = {
+            True: _sse_event(b"message_delta", delta + b',"usage":{"output_tokens":%d}}' % self.n_words),
+            False: _sse_event(b"message_delta", delta + b"}"),
+        }
+        self.stop_frame = _sse_event(b"message_stop", b'{"type":"message_stop"}')
+
+    def frames(self, input_tokens: int | None) -> list[bytes]:
+        """Return the SSE events; without usage when ``input_tokens`` is None."""
+        # Anthropic's message_start reports output_tokens 1; the final count is in message_delta.
+        usage = b',"usage":{"input_tokens":%d,"output_tokens":1}' % input_tokens if input_tokens is not None else b""
+        start = _sse_event(b"message_start", b'{"type":"message_start","message":' + self.start_head + usage + b"}}")
+        return [start, *self.body_frames, self.delta_frames[input_tokens is not None], self.stop_frame]
+
+    def json(self, input_tokens: int | None) -> bytes:
+        """Return the non-stream body; without usage when ``input_tokens`` is None."""
+        if input_tokens is None:
+            return self.json_head + b"}"
+        return self.json_head + b',"usage":{"input_tokens":%d,"output_tokens":%d}}' % (input_tokens, self.n_words)
+
+
+def _sampling_error(api_version: str, body: dict[str, Any]) -> str | None:
+    """Return why Anthropic would refuse these sampling parameters under ``api_version``, or None."""
+    sampling = [name for name in ("temperature", "top_p", "top_k") if name in body]
+    if sampling and api_version >= _NO_SAMPLING_API_VERSION:
+        return f"{sampling[0]}: Extra inputs are not permitted"
+    temperature = body.get("temperature")
+    if isinstance(temperature, (int, float)) and not 0 <= temperature <= 1:
+        return "temperature: Input should be less than or equal to 1"
+    return None
+
+
+def _roles_error(messages: list[Any]) -> str | None:
+    """Return why Anthropic would refuse these messages' roles, or None."""
+    roles = [m.get("role") if isinstance(m, dict) else None for m in messages]
+    if not roles:
+        return "messages: at least one message is required"
+    for i, role in enumerate(roles):
+        if role != ("user" if i % 2 == 0 else "assistant"):
+            return 'messages: roles must alternate between "user" and "assistant", starting with "user"'
+    return None
+
+
 def _usage(prompt: int, completion: int) -> bytes:
     return b'{"prompt_tokens":%d,"completion_tokens":%d,"total_tokens":%d}' % (prompt, completion, prompt + completion)
 
@@ -144,6 +266,7 @@ class FakeUpstream:
         self.last_body: dict[str, Any] | None = None
         self._last_headers: Any = None
         self._answers: dict[tuple[str, int], _Answer] = {}
+        self._messages_answers: dict[tuple[str, int], _MessagesAnswer] = {}
         self._runner: web.AppRunner | None = None
         self._stopping: asyncio.Event | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -184,6 +307,11 @@ class FakeUpstream:
     def omit_usage(self, *, times: int | None = 1) -> None:
         """Answer the next ``times`` requests without any usage."""
         self.add_fault(Fault("no_usage", times))
+
+    def stream_error(self, status: int = 529, *, after_chunks: int = 3, times: int | None = 1,
+                     message: str = "fake upstream failure") -> None:
+        """Send an Anthropic ``error`` event (the type of ``status``) after ``after_chunks`` events."""
+        self.add_fault(Fault("stream_error", times, status=status, message=message, after_chunks=after_chunks))
 
     def reset(self) -> None:
         """Clear the faults and what was recorded."""
@@ -332,10 +460,65 @@ class FakeUpstream:
                                             "owned_by": "fake-upstream"}]}
         return web.Response(body=orjson.dumps(body), content_type="application/json")
 
-    async def _messages(self, request: web.Request) -> web.Response:
-        # Place for the Anthropic-compatible POST /v1/messages (non-stream and SSE events
-        # message_start ... message_stop), sharing _before_headers, faults and _Answer.
-        return web.Response(status=501, text="not implemented yet")
+    def _messages_answer(self, model: str, n_words: int, stops: list[str]) -> _MessagesAnswer:
+        if not stops:  # the common case is cached; stop sequences are rare and tests only
+            answer = self._messages_answers.get((model, n_words))
+            if answer is None:
+                stop_reason = "max_tokens" if n_words < self.words else "end_turn"
+                answer = _MessagesAnswer(model, _pieces(n_words), stop_reason, None)
+                self._messages_answers[(model, n_words)] = answer
+            return answer
+        pieces, hit = _cut_at_stop(_pieces(n_words), stops)
+        stop_reason = "stop_sequence" if hit is not None else "max_tokens" if n_words < self.words else "end_turn"
+        return _MessagesAnswer(model, pieces, stop_reason, hit)
+
+    @staticmethod
+    def _anthropic_error(status: int, message: str, retry_after_s: float | None = None) -> web.Response:
+        body = {"type": "error", "error": {"type": anthropic_error_type(status), "message": message}}
+        headers = {"Retry-After": f"{retry_after_s:g}"} if retry_after_s is not None else None
+        return web.Response(status=status, body=orjson.dumps(body), content_type="application/json",
+                            headers=headers)
+
+    async def _messages(self, request: web.Request) -> web.StreamResponse:
+        """Anthropic's ``POST /v1/messages``: https://docs.anthropic.com/en/api/messages"""
+        try:
+            body = orjson.loads(await request.read())
+        except orjson.JSONDecodeError:
+            body = None
+        fault = await self._before_headers(request, body)
+        if not isinstance(body, dict) or not isinstance(body.get("messages"), list):
+            return self._anthropic_error(400, "messages: Field required")
+        limit = body.get("max_tokens")
+        if not isinstance(limit, int) or limit < 1:
+            return self._anthropic_error(400, "max_tokens: Field required")
+        refusal = _roles_error(body["messages"]) or _sampling_error(request.headers.get("anthropic-version", ""), body)
+        if refusal is not None:
+            return self._anthropic_error(400, refusal)
+        if fault is not None and fault.kind == "status":
+            return self._anthropic_error(fault.status, fault.message, fault.retry_after_s)
+        stops = body.get("stop_sequences") or []
+        if not isinstance(stops, list) or not all(isinstance(x, str) for x in stops):
+            return self._anthropic_error(400, "stop_sequences: Input should be a valid list of strings")
+        answer = self._messages_answer(str(body.get("model", "")), min(self.words, limit), stops)
+        input_tokens = None if fault is not None and fault.kind == "no_usage" else count_input_words(body)
+        if not body.get("stream"):
+            payload = answer.json(input_tokens)
+            if fault is not None and fault.kind == "drop":
+                return await self._drop(request, web.StreamResponse(headers={"Content-Type": "application/json"}),
+                                        payload[: len(payload) // 2])
+            return web.Response(body=payload, content_type="application/json")
+
+        frames = answer.frames(input_tokens)
+        response = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
+        if fault is not None and fault.kind == "drop":
+            return await self._drop(request, response, b"".join(frames[: fault.after_chunks]))
+        if fault is not None and fault.kind == "stream_error":
+            error = {"type": "error", "error": {"type": anthropic_error_type(fault.status), "message": fault.message}}
+            frames = frames[: fault.after_chunks] + [_sse_event(b"error", orjson.dumps(error))]
+        await response.prepare(request)
+        await response.write(b"".join(frames))
+        await response.write_eof()
+        return response
 
     async def _get_control(self, request: web.Request) -> web.Response:
         state = {
@@ -382,7 +565,7 @@ async def _serve_forever(host: str, port: int, latency_ms: float, words: int) ->
 
 def main(argv: list[str] | None = None) -> None:
     """``python -m tests.fake_upstream --port P --latency-ms L``."""
-    parser = argparse.ArgumentParser(description="Fake OpenAI-compatible upstream.")
+    parser = argparse.ArgumentParser(description="Fake OpenAI- and Anthropic-compatible upstream.")
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=8100)
     parser.add_argument("--latency-ms", type=float, default=0.0)

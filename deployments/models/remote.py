@@ -19,6 +19,7 @@ import httpx2
 import openai
 
 from deployments.models.base import ChunkFactory, Engine, EngineOutput
+from deployments.models.tokens import estimate_usage
 from serve_app.config import ModelConfig, RemoteEngineParams
 from serve_app.errors import (
     InvalidRequestError,
@@ -122,11 +123,6 @@ def map_openai_errors(model: str) -> Iterator[None]:
         raise UpstreamError(f"Model {model}: the upstream failed.") from exc
 
 
-def estimate_tokens(text: str) -> int:
-    """Rough token count (about four characters a token) for upstreams that report no usage."""
-    return (len(text) + 3) // 4
-
-
 def _finish_reason(value: str | None) -> FinishReason:
     # Upstreams may send reasons raygate's schema lacks (``function_call``, vendor ones).
     return value if value in _FINISH_REASONS else "stop"  # type: ignore[return-value]
@@ -188,8 +184,9 @@ class RemoteEngine(Engine):
                 kwargs[name] = value
         return kwargs
 
-    def _prompt_estimate(self, request: ChatCompletionRequest) -> int:
-        return sum(estimate_tokens(m.text()) for m in request.messages)
+    async def _estimate_usage(self, request: ChatCompletionRequest, completion: str) -> UsageInfo:
+        logger.debug("Upstream of model %s reported no usage; counting tokens", self.config.name)
+        return await estimate_usage(request.messages, completion, self.params.model)
 
     async def chat(self, request: ChatCompletionRequest) -> AsyncIterator[EngineOutput]:
         """Answer one request through the upstream; see ``Engine.chat`` for the contract.
@@ -220,7 +217,7 @@ class RemoteEngine(Engine):
         if completion.usage is not None:
             usage = UsageInfo.of(completion.usage.prompt_tokens, completion.usage.completion_tokens)
         else:
-            usage = UsageInfo.of(self._prompt_estimate(request), estimate_tokens(content))
+            usage = await self._estimate_usage(request, content)
         return ChatCompletionResponse(
             id=completion.id,
             created=completion.created,
@@ -240,7 +237,7 @@ class RemoteEngine(Engine):
         # sent together in one final chunk.
         factory = ChunkFactory(self.config.name)
         first = True
-        n_content = 0
+        parts: list[str] = []  # the text, counted only if the upstream sends no usage
         finish: str | None = None
         usage: UsageInfo | None = None
         stream = await client.chat.completions.create(
@@ -255,10 +252,10 @@ class RemoteEngine(Engine):
                     if choice.delta.content:
                         yield factory.chunk(choice.delta.content, role=first)
                         first = False
-                        n_content += 1
+                        parts.append(choice.delta.content)
                     finish = choice.finish_reason or finish
         if finish is None:
             logger.warning("Upstream of model %s ended a stream without finish_reason", self.config.name)
         if usage is None:
-            usage = UsageInfo.of(self._prompt_estimate(request), n_content)
+            usage = await self._estimate_usage(request, "".join(parts))
         yield factory.chunk(role=first, finish_reason=_finish_reason(finish), usage=usage)

@@ -222,3 +222,16 @@ def test_admin_routes_need_admin_key(deployed: Deployed) -> None:
     response = httpx.get(f"{deployed.base_url}/admin/requests", headers={"Authorization": f"Bearer {deployed.api_key}"})
     assert response.status_code == 403
     assert response.json()["error"]["type"] == "permission_error"
+
+
+def test_anthropic_upstream_through_the_openai_sdk(deployed: Deployed) -> None:
+    c = client(deployed)
+    completion = c.chat.completions.create(model="claude", messages=MESSAGES, max_tokens=5)
+    assert completion.choices[0].finish_reason == "length"
+    assert completion.usage is not None and completion.usage.completion_tokens == 5
+    assert deployed.upstream.last_path.endswith("/v1/messages")
+    assert deployed.upstream.last_body["system"] == "You are terse."
+    chunks = list(c.chat.completions.create(model="claude", messages=MESSAGES, stream=True,
+                                            stream_options={"include_usage": True}))
+    text = "".join(ch.choices[0].delta.content or "" for ch in chunks if ch.choices)
+    assert text and chunks[-1].usage is not None and chunks[-1].usage.prompt_tokens > 0

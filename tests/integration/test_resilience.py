@@ -155,3 +155,18 @@ def test_circuit_opens_skips_half_opens_and_closes(flaky: Deployed) -> None:
     assert model == "circuit"
     state = redis.Redis.from_url(flaky.redis_url, decode_responses=True).hgetall("raygate:circuit:circuit")
     assert state["state"] == "closed" and int(state["opened"]) >= 1 and int(state["skipped"]) >= 1
+
+
+def test_usage_counted_by_raygate_is_marked_estimated_in_the_ledger(flaky: Deployed) -> None:
+    flaky.flaky.omit_usage(times=1)
+    raw = client(flaky).chat.completions.with_raw_response.create(model="flaky-solo", messages=MESSAGES)
+    usage = raw.parse().usage
+    assert usage is not None and usage.completion_tokens > 0
+    headers = {"Authorization": f"Bearer {flaky.admin_key}"}
+    deadline = time.monotonic() + 10
+    row = None
+    while row is None and time.monotonic() < deadline:
+        rows = httpx.get(f"{flaky.base_url}/admin/requests", params={"limit": 50}, headers=headers).json()
+        row = next((r for r in rows if r["id"] == raw.headers["x-request-id"]), None)
+    assert row is not None and row["usage_estimated"] in (1, True)
+    assert row["completion_tokens"] == usage.completion_tokens

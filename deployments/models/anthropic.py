@@ -1,0 +1,408 @@
+"""``AnthropicEngine``: Anthropic's Messages API, through the official ``anthropic`` SDK.
+
+It speaks OpenAI's chat format to raygate and Anthropic's to the upstream, on the
+SDK's aiohttp transport with the SDK's retries off (raygate retries and falls back
+itself). Every SDK call is wrapped in ``map_anthropic_errors()``, which maps each
+HTTP situation to the raygate error ``RemoteEngine`` raises for it.
+
+How requests translate, and why:
+
+* ``system`` and ``developer`` messages, wherever they stand, become ``system``,
+  joined by blank lines: Anthropic has one system prompt and no system turns.
+* Consecutive ``user`` (or ``assistant``) messages merge into one turn whose content
+  is a list of text blocks, which keeps their boundaries: Anthropic wants the roles
+  to alternate. Empty messages are dropped (Anthropic refuses empty text blocks).
+* The first turn must be the user's. A conversation that opens with the assistant
+  is refused with a 400 rather than given an invented user turn, which would change
+  both the answer and the bill behind the client's back.
+* A last ``assistant`` message is a prefill: Claude continues it, where an OpenAI
+  model would answer after it.
+* ``tool`` messages are refused: raygate forwards no tool definitions.
+* ``temperature`` and ``top_p`` are dropped: API version 2026-10-21, the one SDK
+  2.x sends, refuses sampling parameters with a 400 (the SDK removed them). Pinning
+  an older version (``extra_headers: {anthropic-version: "2023-06-01"}``) forwards
+  them, ``temperature`` clamped to 1: Anthropic's range is 0-1, OpenAI's 0-2, and
+  clamping keeps the usual values (0-1) meaning what they mean; scaling would not.
+* ``stop`` becomes ``stop_sequences`` and ``user`` ``metadata.user_id``;
+  ``frequency_penalty``, ``presence_penalty`` and ``seed`` have no Anthropic
+  equivalent and are dropped.
+* The output budget (``max_completion_tokens``, ``max_tokens`` or the model's
+  default) is always sent: Anthropic requires ``max_tokens``.
+
+Answers: ``prompt_tokens`` is ``input_tokens`` plus the cache writes and reads
+(OpenAI's count includes cached tokens; Anthropic's splits them out); missing usage
+is counted by ``tokens.py`` and flagged ``estimated``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+from collections.abc import AsyncIterator, Iterator, Sequence
+from typing import Any
+
+import aiohttp
+import anthropic
+import httpx2
+from anthropic.types import (
+    RawContentBlockDeltaEvent,
+    RawContentBlockStartEvent,
+    RawMessageDeltaEvent,
+    RawMessageStartEvent,
+    RawMessageStreamEvent,
+)
+
+from deployments.models.base import ChunkFactory, Engine, EngineOutput
+from deployments.models.tokens import estimate_usage
+from serve_app.config import ModelConfig, RemoteEngineParams
+from serve_app.errors import (
+    InvalidRequestError,
+    RaygateError,
+    ServiceUnavailableError,
+    UpstreamError,
+    UpstreamTimeoutError,
+    UpstreamUnavailableError,
+)
+from serve_app.protocol import (
+    AssistantMessage,
+    ChatCompletionChoice,
+    ChatCompletionRequest,
+    ChatCompletionResponse,
+    ChatMessage,
+    FinishReason,
+    UsageInfo,
+)
+
+logger = logging.getLogger(__name__)
+
+_MAX_UPSTREAM_MESSAGE_CHARS = 1000
+_MAX_TEMPERATURE = 1.0
+_SYSTEM_ROLES = frozenset({"system", "developer"})
+_DROPPED_FIELDS = ("frequency_penalty", "presence_penalty", "seed")
+_SAMPLING_FIELDS = ("temperature", "top_p")
+# The first API version that refuses sampling parameters (versions are ISO dates).
+_NO_SAMPLING_API_VERSION = "2026-10-21"
+_FINISH_REASONS: dict[str, FinishReason] = {
+    "end_turn": "stop",
+    "stop_sequence": "stop",
+    "pause_turn": "stop",
+    "max_tokens": "length",
+    "model_context_window_exceeded": "length",
+    "tool_use": "tool_calls",
+    "refusal": "content_filter",
+}
+# Error types of an ``error`` event inside a 200 stream that a retry may cure.
+_TRANSIENT_ERROR_TYPES = frozenset({"overloaded_error", "api_error", "timeout_error"})
+
+
+def _upstream_message(exc: anthropic.APIStatusError) -> str:
+    """Return the upstream's own error message (the SDK's ``str(exc)`` embeds the whole body)."""
+    message = exc.api_message
+    if not isinstance(message, str) or not message:
+        message = f"The upstream rejected the request (HTTP {exc.status_code})."
+    return message[:_MAX_UPSTREAM_MESSAGE_CHARS]
+
+
+def _is_timeout(exc: BaseException) -> bool:
+    """Return whether a connection-level failure was a timeout.
+
+    The cause chain decides first, as in ``remote.py``: the SDK turns any exception
+    its transport does not map into ``APIConnectionError``, so a bare ``TimeoutError``
+    may hide under one. Without a telling cause, the SDK's type decides (this SDK's
+    vendored aiohttp transport, unlike the openai one, maps connection errors to
+    ``ConnectError``, so its timeout types can be trusted).
+    """
+    seen: BaseException | None = exc
+    while seen is not None:
+        if isinstance(seen, TimeoutError):  # aiohttp's timeouts are TimeoutErrors
+            return True
+        if isinstance(seen, (aiohttp.ClientConnectionError, ConnectionError)):
+            return False
+        seen = seen.__cause__ or seen.__context__
+    return isinstance(exc, (anthropic.APITimeoutError, httpx2.TimeoutException))
+
+
+def _stream_error(exc: anthropic.APIStatusError, model: str) -> RaygateError:
+    """Translate an ``error`` event that arrived inside a 200 stream, by its error type."""
+    logger.warning("Upstream of model %s failed mid-stream (%s)", model, exc.type)
+    if exc.type == "rate_limit_error":
+        return UpstreamUnavailableError(
+            f"Model {model}: the upstream is rate limiting raygate.", code="upstream_rate_limited"
+        )
+    if exc.type in _TRANSIENT_ERROR_TYPES:
+        return UpstreamUnavailableError(f"Model {model}: the upstream failed mid-stream ({exc.type}).")
+    return UpstreamError(f"Model {model}: the upstream failed mid-stream.")
+
+
+@contextlib.contextmanager
+def map_anthropic_errors(model: str) -> Iterator[None]:
+    """Translate ``anthropic`` (and its transport's) exceptions into raygate errors.
+
+    Most specific first: ``APITimeoutError`` is an ``APIConnectionError``, and every
+    status error is an ``APIStatusError``. The mapping is ``map_openai_errors()``'s,
+    plus Anthropic's ``error`` events inside a 200 stream (``overloaded_error`` is
+    the usual one), mapped by their type. Logs carry the type and status only: the
+    SDK's messages quote upstream bodies, which may echo a key.
+
+    Args:
+        model: the raygate model name, for messages and logs.
+
+    Raises:
+        serve_app.errors.RaygateError: the translated error, ``from`` the original.
+    """
+    try:
+        yield
+    except (anthropic.APIConnectionError, httpx2.TransportError) as exc:  # APITimeoutError included
+        if _is_timeout(exc):
+            logger.warning("Upstream of model %s timed out (%s)", model, type(exc).__name__)
+            raise UpstreamTimeoutError(f"Model {model}: the upstream did not answer in time.") from exc
+        logger.warning("Upstream of model %s unreachable (%s)", model, type(exc).__name__)
+        raise UpstreamUnavailableError(f"Model {model}: the upstream could not be reached.") from exc
+    except anthropic.RateLimitError as exc:
+        retry_after = exc.response.headers.get("retry-after")
+        logger.warning("Upstream of model %s rate-limited raygate (retry-after %s)", model, retry_after)
+        raise UpstreamUnavailableError(
+            f"Model {model}: the upstream is rate limiting raygate.",
+            code="upstream_rate_limited",
+            headers={"Retry-After": retry_after} if retry_after else None,
+        ) from exc
+    except (anthropic.BadRequestError, anthropic.UnprocessableEntityError) as exc:
+        logger.info("Upstream of model %s refused a request (HTTP %s)", model, exc.status_code)
+        raise InvalidRequestError(_upstream_message(exc)) from exc
+    except (anthropic.AuthenticationError, anthropic.PermissionDeniedError) as exc:
+        logger.error("Upstream of model %s rejected raygate's credentials (HTTP %s)", model, exc.status_code)
+        raise UpstreamError(
+            f"Model {model}: the upstream rejected raygate's credentials; the operator must fix them."
+        ) from exc
+    except anthropic.NotFoundError as exc:
+        logger.error("Upstream of model %s answered 404: check base_url and model", model)
+        raise UpstreamError(f"Model {model}: the upstream does not serve it (HTTP 404).") from exc
+    except anthropic.InternalServerError as exc:  # every 5xx, Anthropic's 529 "overloaded" included
+        logger.warning("Upstream of model %s failed (HTTP %s)", model, exc.status_code)
+        raise UpstreamUnavailableError(f"Model {model}: the upstream failed (HTTP {exc.status_code}).") from exc
+    except anthropic.APIStatusError as exc:
+        if exc.status_code < 400:
+            raise _stream_error(exc, model) from exc
+        logger.warning("Upstream of model %s answered HTTP %s", model, exc.status_code)
+        raise UpstreamError(f"Model {model}: the upstream answered HTTP {exc.status_code}.") from exc
+    except anthropic.AnthropicError as exc:
+        logger.warning("Upstream of model %s failed (%s)", model, type(exc).__name__)
+        raise UpstreamError(f"Model {model}: the upstream failed.") from exc
+
+
+def translate_messages(messages: Sequence[ChatMessage]) -> tuple[str | None, list[dict[str, Any]]]:
+    """Split OpenAI chat messages into Anthropic's ``system`` and alternating ``messages``.
+
+    Args:
+        messages: the request's messages.
+
+    Returns:
+        The system prompt (None when there is none) and the turns.
+
+    Raises:
+        InvalidRequestError: a ``tool`` message, no user text, or an assistant first turn.
+    """
+    system: list[str] = []
+    turns: list[tuple[str, list[str]]] = []
+    for message in messages:
+        text = message.text()
+        if message.role in _SYSTEM_ROLES:
+            if text:
+                system.append(text)
+        elif message.role == "tool":
+            raise InvalidRequestError("Tool messages are not supported for Anthropic models.", param="messages")
+        elif text and turns and turns[-1][0] == message.role:
+            turns[-1][1].append(text)
+        elif text:
+            turns.append((message.role, [text]))
+    if not turns or turns[0][0] != "user":
+        raise InvalidRequestError(
+            "Anthropic models need a conversation that starts with a user message "
+            "(after any system messages); this one "
+            + ("has no user or assistant text." if not turns else "starts with an assistant message."),
+            param="messages",
+        )
+    anthropic_messages = [
+        {"role": role, "content": texts[0] if len(texts) == 1 else [{"type": "text", "text": t} for t in texts]}
+        for role, texts in turns
+    ]
+    return "\n\n".join(system) or None, anthropic_messages
+
+
+def _finish_reason(stop_reason: str | None) -> FinishReason:
+    return _FINISH_REASONS.get(stop_reason or "", "stop")
+
+
+def _input_tokens(usage: Any) -> int | None:
+    """Return all prompt tokens of an Anthropic usage: uncached, cache writes and cache reads."""
+    if usage is None or usage.input_tokens is None:
+        return None
+    return int(usage.input_tokens + (usage.cache_creation_input_tokens or 0) + (usage.cache_read_input_tokens or 0))
+
+
+class _StreamTally:
+    """What a stream said besides text deltas: stop reason and usage (and the text, for estimates)."""
+
+    def __init__(self) -> None:
+        self.parts: list[str] = []
+        self.stop_reason: str | None = None
+        self.input_tokens: int | None = None
+        self.output_tokens: int | None = None
+
+    def feed(self, event: RawMessageStreamEvent) -> str:
+        """Take one event; return its text ("" for events without any)."""
+        text = ""
+        if isinstance(event, RawContentBlockDeltaEvent):
+            text = getattr(event.delta, "text", "") if event.delta.type == "text_delta" else ""
+        elif isinstance(event, RawContentBlockStartEvent):
+            text = getattr(event.content_block, "text", "") if event.content_block.type == "text" else ""
+        elif isinstance(event, RawMessageStartEvent):
+            self.input_tokens = _input_tokens(getattr(event.message, "usage", None))
+        elif isinstance(event, RawMessageDeltaEvent):
+            self.stop_reason = event.delta.stop_reason or self.stop_reason
+            usage = getattr(event, "usage", None)
+            if usage is not None:  # cumulative counts: the last one wins
+                self.output_tokens = usage.output_tokens
+                self.input_tokens = _input_tokens(usage) or self.input_tokens
+        if text:
+            self.parts.append(text)
+        return text
+
+
+class AnthropicEngine(Engine):
+    """Forwards chat requests to Anthropic's Messages API.
+
+    Args:
+        config: the model's config; ``engine_params`` must be ``RemoteEngineParams``
+            with ``provider: anthropic``. ``base_url`` may end in ``/v1`` or not
+            (``https://api.anthropic.com``): the SDK adds ``/v1/messages`` itself.
+        data_dir: unused (nothing is stored locally).
+    """
+
+    def __init__(self, config: ModelConfig, data_dir: str) -> None:
+        super().__init__(config, data_dir)
+        if not isinstance(config.engine_params, RemoteEngineParams):
+            raise TypeError(f"model {config.name}: AnthropicEngine needs RemoteEngineParams")
+        self.params: RemoteEngineParams = config.engine_params
+        self.client: anthropic.AsyncAnthropic | None = None
+        pinned = {k.lower(): v for k, v in self.params.extra_headers.items()}.get("anthropic-version")
+        self.forwards_sampling = pinned is not None and pinned < _NO_SAMPLING_API_VERSION
+
+    async def start(self) -> None:
+        """Create the SDK client; no network call, the first request opens connections."""
+        params = self.params
+        api_key = os.environ.get(params.api_key_env) if params.api_key_env else None
+        if params.api_key_env and not api_key:
+            logger.warning("Model %s: environment variable %s is not set; calling without a key",
+                           self.config.name, params.api_key_env)
+        limits = httpx2.Limits(max_connections=params.max_connections,
+                               max_keepalive_connections=params.max_connections)
+        self.client = anthropic.AsyncAnthropic(
+            base_url=params.base_url.rstrip("/").removesuffix("/v1"),
+            api_key=api_key or "none",
+            default_headers=params.extra_headers,
+            timeout=params.timeout_s,
+            max_retries=0,
+            http_client=anthropic.DefaultAioHttpClient(limits=limits, timeout=params.timeout_s),
+        )
+
+    async def close(self) -> None:
+        """Close the connection pool."""
+        if self.client is not None:
+            await self.client.close()
+            self.client = None
+
+    async def check_health(self) -> None:
+        """Raise if ``start()`` has not run; the upstream's health shows in the calls."""
+        if self.client is None:
+            raise ServiceUnavailableError(f"Model {self.config.name} is not started.")
+
+    def _create_kwargs(self, request: ChatCompletionRequest) -> dict[str, Any]:
+        system, messages = translate_messages(request.messages)
+        kwargs: dict[str, Any] = {
+            "model": self.params.model,
+            "messages": messages,
+            "max_tokens": request.max_output_tokens(self.config.default_max_tokens),
+        }
+        if system is not None:
+            kwargs["system"] = system
+        if request.stop_list():
+            kwargs["stop_sequences"] = request.stop_list()
+        if request.user is not None:
+            kwargs["metadata"] = {"user_id": request.user}
+        dropped = [name for name in _DROPPED_FIELDS if getattr(request, name) is not None]
+        sampling = {name: getattr(request, name) for name in _SAMPLING_FIELDS if getattr(request, name) is not None}
+        if sampling and self.forwards_sampling:  # SDK 2.x has no arguments for them any more
+            if "temperature" in sampling:
+                sampling["temperature"] = min(sampling["temperature"], _MAX_TEMPERATURE)
+            kwargs["extra_body"] = sampling
+        else:
+            dropped += sampling
+        if dropped:
+            logger.debug("Model %s: Anthropic refuses %s; dropped", self.config.name, dropped)
+        return kwargs
+
+    async def chat(self, request: ChatCompletionRequest) -> AsyncIterator[EngineOutput]:
+        """Answer one request through Anthropic; see ``Engine.chat`` for the contract.
+
+        Yields:
+            One ``ChatCompletionResponse``, or stream chunks whose last one carries
+            ``finish_reason`` and ``usage`` (estimated when the upstream sends none).
+
+        Raises:
+            serve_app.errors.RaygateError: an untranslatable request (400) or the
+            upstream's failure, translated.
+        """
+        if self.client is None:
+            raise ServiceUnavailableError(f"Model {self.config.name} is not started.")
+        kwargs = self._create_kwargs(request)
+        with map_anthropic_errors(self.config.name):
+            if not request.stream:
+                yield await self._complete(self.client, kwargs, request)
+                return
+            async for chunk in self._stream(self.client, kwargs, request):
+                yield chunk
+
+    async def _usage(
+        self, request: ChatCompletionRequest, text: str, input_tokens: int | None, output_tokens: int | None
+    ) -> UsageInfo:
+        if input_tokens is not None and output_tokens is not None:
+            return UsageInfo.of(input_tokens, output_tokens)
+        logger.debug("Upstream of model %s reported no usage; counting tokens", self.config.name)
+        return await estimate_usage(request.messages, text, self.params.model,
+                                    prompt_tokens=input_tokens, completion_tokens=output_tokens)
+
+    async def _complete(
+        self, client: anthropic.AsyncAnthropic, kwargs: dict[str, Any], request: ChatCompletionRequest
+    ) -> ChatCompletionResponse:
+        message = await client.messages.create(**kwargs)
+        content = "".join(block.text for block in message.content or () if block.type == "text")
+        usage = getattr(message, "usage", None)
+        return ChatCompletionResponse(
+            model=self.config.name,
+            choices=[ChatCompletionChoice(
+                message=AssistantMessage(content=content), finish_reason=_finish_reason(message.stop_reason)
+            )],
+            usage=await self._usage(request, content, _input_tokens(usage), usage.output_tokens if usage else None),
+        )
+
+    async def _stream(
+        self, client: anthropic.AsyncAnthropic, kwargs: dict[str, Any], request: ChatCompletionRequest
+    ) -> AsyncIterator[EngineOutput]:
+        # Text goes out as it comes; the stop reason and usage arrive in message_delta
+        # (input tokens in message_start), and go out together in one final chunk.
+        factory = ChunkFactory(self.config.name)
+        first = True
+        tally = _StreamTally()
+        stream = await client.messages.create(**kwargs, stream=True)
+        async with stream:
+            async for event in stream:
+                text = tally.feed(event)
+                if text:
+                    yield factory.chunk(text, role=first)
+                    first = False
+        if tally.stop_reason is None:
+            logger.warning("Upstream of model %s ended a stream without stop_reason", self.config.name)
+        usage = await self._usage(request, "".join(tally.parts), tally.input_tokens, tally.output_tokens)
+        yield factory.chunk(role=first, finish_reason=_finish_reason(tally.stop_reason), usage=usage)
