@@ -10,24 +10,15 @@ import os
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-import yaml
-from pydantic import BaseModel, ConfigDict, Field, NonNegativeFloat, PositiveFloat, PositiveInt
-from pydantic import field_validator, model_validator
+from pydantic import Field, NonNegativeFloat, PositiveFloat, PositiveInt, field_validator, model_validator
+
+from serve_app.config_base import BaseConfig
+from serve_app.cost_config import CostGuardConfig
+
+__all__ = ["BaseConfig", "GatewayConfig", "ModelConfig"]
 
 EngineName = Literal["hf", "vllm", "remote"]
 TINY_MODEL_NAME = "tiny"
-
-
-class BaseConfig(BaseModel):
-    """Strict base: unknown keys are errors; ``from_file`` reads YAML safely."""
-
-    model_config = ConfigDict(extra="forbid", protected_namespaces=())
-
-    @classmethod
-    def from_file(cls, path: str | Path) -> "BaseConfig":
-        """Load and validate a YAML file."""
-        with open(path, encoding="utf-8") as f:
-            return cls.model_validate(yaml.load(f, Loader=yaml.SafeLoader))
 
 
 class HFEngineParams(BaseConfig):
@@ -177,6 +168,15 @@ class LedgerConfig(BaseConfig):
     db_file: str = Field("ledger.sqlite3", description="SQLite file, relative to data_dir.")
 
 
+Placement = Literal["embedded", "deployment"]
+
+
+class PlacementConfig(BaseConfig):
+    """Where each component runs: in every Gateway replica (no hop) or as its own deployment."""
+
+    cost_guard: Placement = Field("embedded", description="Reserve/settle only needs Redis: embedded by default.")
+
+
 class GatewayConfig(BaseConfig):
     """serve_config.yaml ``args``: models, stores and the settings of each component."""
 
@@ -185,6 +185,8 @@ class GatewayConfig(BaseConfig):
     gateway: GatewaySettings = Field(default_factory=GatewaySettings)
     embedder: EmbedderConfig = Field(default_factory=EmbedderConfig)
     ledger: LedgerConfig = Field(default_factory=LedgerConfig)
+    cost_guard: CostGuardConfig = Field(default_factory=CostGuardConfig)
+    placement: PlacementConfig = Field(default_factory=PlacementConfig)
 
     @model_validator(mode="after")
     def _check_models(self) -> "GatewayConfig":
@@ -200,7 +202,14 @@ class GatewayConfig(BaseConfig):
                 raise ValueError(f"models.{model.name}.fallbacks: a model cannot fall back to itself")
             if model.context_fallback is not None and model.context_fallback not in names:
                 raise ValueError(f"models.{model.name}.context_fallback: unknown model '{model.context_fallback}'")
+        unknown = sorted(self.cost_guard.model_names() - set(names))
+        if unknown:
+            raise ValueError(f"cost_guard: plans or budgets name unknown models {unknown}")
         return self
+
+    def prices(self) -> dict[str, tuple[float, float]]:
+        """Return model name -> (input, output) USD per 1M tokens."""
+        return {m.name: (m.input_price_per_1m_usd, m.output_price_per_1m_usd) for m in self.models}
 
     @field_validator("models")
     @classmethod

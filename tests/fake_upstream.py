@@ -47,6 +47,8 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import dataclasses
+import random
 import logging
 import threading
 from collections import deque
@@ -261,6 +263,7 @@ class FakeUpstream:
         self.words = words
         self.base_url = ""
         self.faults: deque[Fault] = deque()
+        self._chaos: tuple[float, random.Random, list[Fault]] = (0.0, random.Random(0), [])
         self.request_count = 0
         self.last_path: str | None = None
         self.last_body: dict[str, Any] | None = None
@@ -314,13 +317,28 @@ class FakeUpstream:
         self.add_fault(Fault("stream_error", times, status=status, message=message, after_chunks=after_chunks))
 
     def reset(self) -> None:
-        """Clear the faults and what was recorded."""
+        """Clear the faults (chaos included) and what was recorded."""
         self.faults.clear()
+        self._chaos = (0.0, random.Random(0), [])
         self.request_count = 0
         self.last_path = self.last_body = self._last_headers = None
 
+    def chaos(self, rate: float, *, seed: int = 0, hang_s: float = 5.0) -> None:
+        """Give each request, with probability ``rate``, one random fault: 500, 502, 503, 429, a hang, a drop.
+
+        Queued faults still come first. ``rate=0`` turns chaos off.
+        """
+        rng = random.Random(seed)
+        kinds = [Fault("status", 1, status=500), Fault("status", 1, status=502), Fault("status", 1, status=503),
+                 Fault("status", 1, status=429, retry_after_s=0), Fault("hang", 1, hang_s=hang_s),
+                 Fault("drop", 1, after_chunks=0)]
+        self._chaos = (rate, rng, kinds)
+
     def _take_fault(self) -> Fault | None:
         if not self.faults:
+            rate, rng, kinds = self._chaos
+            if rate > 0 and rng.random() < rate:
+                return dataclasses.replace(rng.choice(kinds))
             return None
         fault = self.faults[0]
         if fault.times is not None:
@@ -553,8 +571,10 @@ class FakeUpstream:
         return await self._get_control(request)
 
 
-async def _serve_forever(host: str, port: int, latency_ms: float, words: int) -> None:
+async def _serve_forever(host: str, port: int, latency_ms: float, words: int, chaos_rate: float) -> None:
     fake = FakeUpstream(latency_ms=latency_ms, words=words)
+    if chaos_rate:
+        fake.chaos(chaos_rate, seed=1)
     base_url = await fake.start(host, port)
     print(f"fake upstream listening on {base_url}", flush=True)  # benchmarks read this line
     try:
@@ -570,9 +590,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--port", type=int, default=8100)
     parser.add_argument("--latency-ms", type=float, default=0.0)
     parser.add_argument("--words", type=int, default=DEFAULT_WORDS)
+    parser.add_argument("--chaos-rate", type=float, default=0.0, help="share of requests given a random fault")
     args = parser.parse_args(argv)
     with contextlib.suppress(KeyboardInterrupt):
-        asyncio.run(_serve_forever(args.host, args.port, args.latency_ms, args.words))
+        asyncio.run(_serve_forever(args.host, args.port, args.latency_ms, args.words, args.chaos_rate))
 
 
 if __name__ == "__main__":
