@@ -16,6 +16,7 @@ from pathlib import Path
 
 from pydantic import BaseModel, Field
 
+from deployments import reports
 from serve_app.config import LedgerConfig
 
 logger = logging.getLogger(__name__)
@@ -58,6 +59,8 @@ class RequestRecord(BaseModel):
     attempts: int = 0
     fallback: bool = False
     usage_estimated: bool = False
+    tags: str | None = Field(None, description="Caller tags (x-raygate-tag), comma-separated.")
+    downgraded_from: str | None = Field(None, description="The requested model, when CostGuard downgraded it.")
     attempt_log: list[AttemptRecord] = Field(default_factory=list)
 
 
@@ -160,6 +163,46 @@ class Ledger:
 
     def _read(self, sql: str, params: list[object]) -> list[tuple[object, ...]]:
         return self.db.execute(sql, params).fetchall()
+
+    async def cost_report(
+        self, group_by: reports.GroupBy, from_ts: float, to_ts: float, tenant: str | None = None
+    ) -> list[reports.CostRow]:
+        """Requests, tokens, spend and errors per model, tenant, user, tag or UTC day (``reports.cost_report``)."""
+        async with self._lock:
+            return await asyncio.to_thread(reports.cost_report, self.db, group_by, from_ts, to_ts, tenant)
+
+    async def daily_spend(
+        self, days: int, now: float | None = None, tenant: str | None = None
+    ) -> list[reports.DailySpend]:
+        """Spend per UTC day over the last ``days`` days, today included (``reports.daily_spend``)."""
+        now = time.time() if now is None else now
+        async with self._lock:
+            return await asyncio.to_thread(reports.daily_spend, self.db, days, now, tenant)
+
+    async def spend_forecast(
+        self, period_end: float, *, now: float | None = None, spent_usd: float | None = None,
+        window_days: int = 14, tenant: str | None = None,
+    ) -> reports.Forecast:
+        """Spend expected until ``period_end`` from the recent daily trend (``reports.forecast``).
+
+        Runs here rather than in the Gateway so that numpy and scipy load in the Ledger's
+        process only.
+        """
+        now = time.time() if now is None else now
+        series = await self.daily_spend(window_days + 1, now, tenant)
+        return await asyncio.to_thread(
+            reports.forecast, series, period_end, now, spent_usd=spent_usd, window_days=window_days
+        )
+
+    async def recommendations(
+        self, from_ts: float, to_ts: float, prices: dict[str, tuple[float, float]],
+        cheap_model: str | None = None, tenant: str | None = None,
+    ) -> list[reports.Recommendation]:
+        """Findings about avoidable spend, from the ledger's rows (``reports.recommendations``)."""
+        async with self._lock:
+            return await asyncio.to_thread(
+                reports.recommendations, self.db, from_ts, to_ts, prices, cheap_model, tenant=tenant
+            )
 
 
 class LedgerBuffer:

@@ -21,6 +21,7 @@ from serve_app.errors import InvalidRequestError, RaygateError, UpstreamTimeoutE
 from serve_app.handles import call, next_item
 from serve_app.protocol import ChatCompletionRequest
 from serve_app.retry import next_delay_s, retry_after_s
+from serve_app.tasks import BackgroundTasks
 
 logger = logging.getLogger(__name__)
 
@@ -73,7 +74,7 @@ class Dispatcher:
         # Handles are configured once: .options() per call costs time on the hot path.
         self.stream_handles = {name: h.options(stream=True) for name, h in models.items()}
         self.circuits = circuits
-        self._background: set[asyncio.Task[Any]] = set()
+        self.background = BackgroundTasks()
 
     async def first_answer(self, body: ChatCompletionRequest, model: ModelConfig, attempts: list[Attempt],
                            language: str | None = None) -> Answer:
@@ -143,7 +144,7 @@ class Dispatcher:
             elapsed_s = time.monotonic() - started
             progress.upstream_s += elapsed_s
             progress.attempts.append(Attempt(model.name, 200, None, elapsed_s * 1000))
-            self._in_background(self._record(model, ok=True))
+            self.background.spawn(self._record(model, ok=True))
             return Answer(model, first, stream, progress.attempts, progress.upstream_s)
         return None
 
@@ -209,7 +210,3 @@ class Dispatcher:
             raise UpstreamUnavailableError(f"Model {name} is not configured.")
         return model
 
-    def _in_background(self, coro: Any) -> None:
-        task = asyncio.get_running_loop().create_task(coro)
-        self._background.add(task)
-        task.add_done_callback(self._background.discard)

@@ -23,6 +23,8 @@ from pydantic import BaseModel
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 
+from deployments.cost_guard import CostGuard
+from deployments.cost_guard_protocol import UsageReport
 from deployments.ledger import AttemptRecord, LedgerBuffer, RequestRecord
 from serve_app import __version__
 from serve_app.auth import APIKey, KeyStore, Plan
@@ -46,6 +48,7 @@ from serve_app.errors import (
 from serve_app.dispatch import Answer, Attempt, Dispatcher
 from serve_app.handles import call, next_item
 from serve_app.middleware import RequestContextMiddleware, install_error_handlers
+from serve_app.placement import Placed
 from serve_app.protocol import (
     ChatCompletionRequest,
     ChatCompletionResponse,
@@ -58,6 +61,7 @@ from serve_app.protocol import (
     ModelList,
     UsageInfo,
 )
+from serve_app.spend import TAG_HEADER, Spend, capped_request, parse_tags
 from serve_app.stores import redis_client
 from serve_app.streaming import sse_events
 
@@ -138,6 +142,7 @@ class Gateway:
         models: one handle per configured model, by model name.
         embedder: the Embedder's handle.
         ledger: the Ledger's handle.
+        cost_guard: CostGuard's handle when it is placed as a deployment; None embeds it here.
     """
 
     def __init__(
@@ -147,12 +152,15 @@ class Gateway:
         models: dict[str, DeploymentHandle],
         embedder: DeploymentHandle,
         ledger: DeploymentHandle,
+        cost_guard: DeploymentHandle | None = None,
     ) -> None:
         self.config = config
         redis = redis_client(redis_url)
         self.keys = KeyStore(redis, os.environ.get(config.gateway.admin_key_env) or None)
         self.models = models
         self.dispatcher = Dispatcher(config, models, CircuitBreakers(redis))
+        guard = cost_guard or CostGuard(config.cost_guard, redis_url, config.prices())
+        self.spend = Spend(Placed("CostGuard", guard, remote=cost_guard is not None))
         self.embedder = embedder
         self.ledger = ledger
         self.ledger_buffer = LedgerBuffer(
@@ -170,17 +178,28 @@ class Gateway:
         """OpenAI chat completions, streaming (SSE) or not."""
         started = time.perf_counter()
         model = self._model(body.model)
+        tags = parse_tags(request.headers.get(TAG_HEADER))
         record = RequestRecord(
             id=request.state.request_id, tenant=key.tenant, user=key.user, key_id=key.key_id,
-            requested_model=body.model, stream=body.stream,
+            requested_model=body.model, stream=body.stream, tags=",".join(tags) or None,
         )
         attempts: list[Attempt] = []
+        try:
+            decision = await self.spend.reserve(record.id, key, body, model, tags)
+        except RaygateError as exc:
+            self._record(record, started, None, None, exc, attempts, reserved=False)
+            raise
+        if decision.model is not None and decision.model != model.name:
+            record.downgraded_from, model = model.name, self._model(decision.model)
+        body = capped_request(body, decision)
         try:
             answer = await self.dispatcher.first_answer(body, model, attempts, _language(request))
         except RaygateError as exc:
             self._record(record, started, None, None, exc, attempts)
             raise
         headers = _answer_headers(answer, started)
+        if record.downgraded_from:
+            headers["x-raygate-downgraded"] = f"{record.downgraded_from}->{model.name}"
         if answer.stream is None:
             self._record(record, started, answer.model, answer.first.usage, None, attempts)
             return Response(orjson.dumps(answer.first.model_dump(mode="json")), media_type="application/json",
@@ -192,6 +211,12 @@ class Gateway:
         events = sse_events(answer.first, lambda: self._rest(answer.stream, answer.model),
                             include_usage=body.include_usage(), on_end=on_end)
         return StreamingResponse(events, media_type="text/event-stream", headers=headers)
+
+    @app.get("/v1/usage", response_model=UsageReport)
+    async def usage(self, key: APIKey = Depends(authenticate)) -> UsageReport:
+        """The calling key's usage today and its remaining plan quota."""
+        report: UsageReport = await self.spend.cost_guard("usage", key.tenant, key.user, key.plan)
+        return report
 
     @app.get("/v1/models", response_model=ModelList)
     async def list_models(self, key: APIKey = Depends(authenticate)) -> ModelList:
@@ -269,6 +294,7 @@ class Gateway:
 
     async def __del__(self) -> None:
         """Serve calls this when the replica stops: buffered ledger rows are not lost."""
+        await self.spend.close()
         await self.ledger_buffer.close()
         await self.keys.redis.aclose()
 
@@ -287,9 +313,11 @@ class Gateway:
 
     def _record(
         self, record: RequestRecord, started: float, model: ModelConfig | None, usage: UsageInfo | None,
-        error: RaygateError | None, attempts: list[Attempt],
+        error: RaygateError | None, attempts: list[Attempt], *, reserved: bool = True,
     ) -> None:
-        """Queue the request's ledger row, with one attempt row per model call."""
+        """Settle the reservation, and queue the request's ledger row with one row per model call."""
+        if reserved:
+            self.spend.finish(record.id, model, usage)
         record.latency_ms = (time.perf_counter() - started) * 1000
         record.attempt_log = [
             AttemptRecord(number=i, model=a.model, status=a.status, error_code=a.error_code, latency_ms=a.latency_ms)

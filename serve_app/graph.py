@@ -10,6 +10,7 @@ from ray import serve
 from ray.serve import Application
 from ray.serve.deployment import Deployment
 
+from deployments.cost_guard import CostGuard
 from deployments.embedder import Embedder
 from deployments.ledger import Ledger
 from deployments.models.server import ModelServer
@@ -29,6 +30,8 @@ DEFAULT_EMBEDDER_OPTIONS: dict[str, Any] = {"num_replicas": 1, "max_ongoing_requ
                                             "ray_actor_options": {"num_cpus": 0}}
 DEFAULT_LEDGER_OPTIONS: dict[str, Any] = {"num_replicas": 1, "max_ongoing_requests": 64,
                                           "ray_actor_options": {"num_cpus": 0}}
+DEFAULT_COMPONENT_OPTIONS: dict[str, Any] = {"num_replicas": 1, "max_ongoing_requests": 256,
+                                             "ray_actor_options": {"num_cpus": 0}}
 
 
 def model_deployment_name(model_name: str) -> str:
@@ -55,6 +58,15 @@ def build_ledger_deployment(config: GatewayConfig) -> Application:
     )
 
 
+def build_component_deployments(config: GatewayConfig, redis_url: str) -> dict[str, Application]:
+    """Bind the components placed as deployments (the others are embedded in the Gateway)."""
+    components: dict[str, Application] = {}
+    if config.placement.cost_guard == "deployment":
+        deployment = serve.deployment(CostGuard, name="CostGuard", **DEFAULT_COMPONENT_OPTIONS)
+        components["cost_guard"] = deployment.bind(config.cost_guard, redis_url, config.prices())
+    return components
+
+
 def load_config(args: dict[str, Any]) -> GatewayConfig:
     """Validate the application args and resolve environment defaults.
 
@@ -72,17 +84,20 @@ def load_config(args: dict[str, Any]) -> GatewayConfig:
     return config.model_copy(update={"stores": stores})
 
 
-def build_app(args: dict[str, Any]) -> Application:
+def build_app(args: dict[str, Any], *, gateway_options: dict[str, Any] | None = None) -> Application:
     """Build raygate's graph from serve_config.yaml's ``args``.
 
     Args:
         args: the application args (validated by ``GatewayConfig``).
+        gateway_options: Serve options overriding the Gateway's defaults (tests and
+            benchmarks; serve_config.yaml's ``deployments:`` does this for `serve run`).
 
     Returns:
-        The Gateway bound to its models, Embedder and Ledger.
+        The Gateway bound to its models, Embedder and Ledger (and components placed as deployments).
     """
     config = load_config(args)
     redis_url = config.stores.redis_url or embedded_redis_url(config.stores.data_dir)
     models = {m.name: build_model_deployment(m, config.stores.data_dir) for m in config.models}
-    gateway = serve.deployment(Gateway, name="Gateway", **DEFAULT_GATEWAY_OPTIONS)
-    return gateway.bind(config, redis_url, models, build_embedder_deployment(config), build_ledger_deployment(config))
+    gateway = serve.deployment(Gateway, name="Gateway", **{**DEFAULT_GATEWAY_OPTIONS, **(gateway_options or {})})
+    return gateway.bind(config, redis_url, models, build_embedder_deployment(config), build_ledger_deployment(config),
+                        **build_component_deployments(config, redis_url))

@@ -32,6 +32,20 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+def create_key(redis_url: str, tenant: str, user: str, plan: str, *, admin: bool = False) -> str:
+    """Create an API key directly in Redis."""
+    from serve_app.auth import KeyStore
+    from serve_app.stores import redis_client
+
+    async def create() -> str:
+        store = KeyStore(redis_client(redis_url))
+        key, _ = await store.create(tenant, user, plan, admin=admin)  # type: ignore[arg-type]
+        await store.redis.aclose()
+        return key
+
+    return asyncio.run(create())
+
+
 @dataclass
 class Deployed:
     """What the tests talk to."""
@@ -127,21 +141,13 @@ def deployed(ray_cluster: int, valkey_url: str, session_data_dir: Path,
     """raygate's graph running on the cluster, plus a user key and an admin key."""
     from ray import serve
 
-    from serve_app.auth import KeyStore
     from serve_app.graph import build_app
-    from serve_app.stores import redis_client
 
     upstream, upstream_url = fake_upstream
     flaky, flaky_url = flaky_upstream
     args = app_args(session_data_dir, valkey_url, upstream_url, flaky_url)
     serve.run(build_app(args), name="raygate", route_prefix="/")
 
-    async def keys() -> tuple[str, str]:
-        store = KeyStore(redis_client(valkey_url))
-        user_key, _ = await store.create("acme", "alice", "premium")
-        admin_key, _ = await store.create("acme", "ops", "enterprise", admin=True)
-        await store.redis.aclose()
-        return user_key, admin_key
-
-    api_key, admin_key = asyncio.run(keys())
+    api_key = create_key(valkey_url, "acme", "alice", "premium")
+    admin_key = create_key(valkey_url, "acme", "ops", "enterprise", admin=True)
     return Deployed(f"http://127.0.0.1:{ray_cluster}", api_key, admin_key, valkey_url, upstream, flaky)

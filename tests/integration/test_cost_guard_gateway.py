@@ -1,0 +1,163 @@
+"""Plans, budgets, downgrades and denials through the gateway, in both placements of CostGuard."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import openai
+import pytest
+
+from serve_app.protocol import ChatCompletionRequest
+from serve_app.spend import estimate_prompt_tokens
+from tests.fake_upstream import FakeUpstream
+from tests.integration.conftest import Deployed, create_key
+
+pytestmark = pytest.mark.integration
+
+MESSAGES = [{"role": "user", "content": "what grit do laying hens need"}]
+MAX_TOKENS = 8
+PER_REQUEST = estimate_prompt_tokens(ChatCompletionRequest.model_validate({"model": "m", "messages": MESSAGES})) \
+    + MAX_TOKENS
+QUOTA_REQUESTS = 37  # the free plan's daily quota covers exactly this many requests
+ECHO_BUDGET_TOKENS = 3 * PER_REQUEST
+
+
+def costs_args(upstream_url: str, data_dir: Path, redis_url: str, placement: str, tenant: str) -> dict[str, Any]:
+    params = {"base_url": upstream_url, "model": "slow-or-fast"}
+    return {
+        "models": [
+            {"name": "echo", "engine": "remote", "engine_params": params,
+             "input_price_per_1m_usd": 10.0, "output_price_per_1m_usd": 30.0},
+            {"name": "cheap", "engine": "remote", "engine_params": params,
+             "input_price_per_1m_usd": 0.1, "output_price_per_1m_usd": 0.3},
+        ],
+        "stores": {"redis_url": redis_url, "data_dir": str(data_dir)},
+        "gateway": {"ledger_flush_interval_s": 0.1},
+        "placement": {"cost_guard": placement},
+        "cost_guard": {
+            "plans": {
+                "free": {"daily_tokens": QUOTA_REQUESTS * PER_REQUEST, "allowed_models": ["echo", "cheap"]},
+                "premium": {"daily_tokens": 1_000_000, "downgrade_model": "cheap", "max_tokens_cap": 50},
+                "enterprise": {"allowed_models": ["cheap"]},
+            },
+            "budgets": [
+                {"id": f"echo-{tenant}", "scope": "model", "scope_value": "echo", "limit_tokens": ECHO_BUDGET_TOKENS},
+                {"id": f"tag-{tenant}", "scope": "tag", "scope_value": f"agent-{tenant}", "limit_tokens": PER_REQUEST},
+            ],
+        },
+    }
+
+
+@pytest.fixture(scope="module", params=["embedded", "deployment"])
+def costs(request: pytest.FixtureRequest, deployed: Deployed, session_data_dir: Path) -> Iterator[dict[str, Any]]:
+    """An app with its own plans and budgets, 2 Gateway replicas, on a slow upstream."""
+    from ray import serve
+
+    from serve_app.graph import build_app
+
+    placement = request.param
+    tenant = uuid.uuid4().hex[:6]
+    upstream = FakeUpstream(latency_ms=0)
+    with upstream.run_in_thread() as upstream_url:
+        args = costs_args(upstream_url, session_data_dir / f"costs-{placement}", deployed.redis_url, placement, tenant)
+        name = f"costs-{placement}"
+        serve.run(build_app(args, gateway_options={"num_replicas": 2}), name=name, route_prefix=f"/{name}")
+        yield {"base_url": f"{deployed.base_url}/{name}", "upstream": upstream, "tenant": tenant,
+               "redis_url": deployed.redis_url, "admin_key": deployed.admin_key, "placement": placement}
+        serve.delete(name)
+
+
+def key_for(costs: dict[str, Any], plan: str) -> str:
+    return create_key(costs["redis_url"], costs["tenant"], f"user-{uuid.uuid4().hex[:6]}", plan)
+
+
+def sdk(costs: dict[str, Any], key: str) -> openai.OpenAI:
+    return openai.OpenAI(base_url=f"{costs['base_url']}/v1", api_key=key, max_retries=0)
+
+
+def test_downgrade_when_the_model_budget_is_spent(costs: dict[str, Any]) -> None:
+    client = sdk(costs, key_for(costs, "premium"))
+    models = []
+    for _ in range(8):
+        raw = client.chat.completions.with_raw_response.create(model="echo", messages=MESSAGES, max_tokens=MAX_TOKENS)
+        models.append((raw.headers["x-raygate-model"], raw.headers.get("x-raygate-downgraded")))
+    served_by_echo = models.count(("echo", None))
+    # Settles count real usage (less than reserved), so at least 3 and at most 5 fit the echo budget...
+    assert 3 <= served_by_echo <= 5
+    # ...then every request is downgraded, and says so.
+    assert models == [("echo", None)] * served_by_echo + [("cheap", "echo->cheap")] * (8 - served_by_echo)
+
+
+def test_plan_max_tokens_cap_is_sent_upstream(costs: dict[str, Any]) -> None:
+    client = sdk(costs, key_for(costs, "premium"))
+    client.chat.completions.create(model="cheap", messages=MESSAGES, max_tokens=5000)
+    assert costs["upstream"].last_body["max_tokens"] == 50
+
+
+def test_plan_that_forbids_a_model_is_403(costs: dict[str, Any]) -> None:
+    with pytest.raises(openai.PermissionDeniedError) as info:
+        sdk(costs, key_for(costs, "enterprise")).chat.completions.create(model="echo", messages=MESSAGES)
+    assert info.value.code == "model_not_allowed"
+
+
+def test_tag_budget_denial_names_the_budget_and_reset(costs: dict[str, Any]) -> None:
+    client = sdk(costs, key_for(costs, "premium"))
+    headers = {"x-raygate-tag": f"agent-{costs['tenant']}"}
+    client.chat.completions.create(model="cheap", messages=MESSAGES, max_tokens=MAX_TOKENS, extra_headers=headers)
+    with pytest.raises(openai.RateLimitError) as info:
+        client.chat.completions.create(model="cheap", messages=MESSAGES, max_tokens=MAX_TOKENS, extra_headers=headers)
+    assert info.value.code == "insufficient_quota"
+    assert f"tag-{costs['tenant']}" in info.value.message and "resets" in info.value.message
+    assert 0 < int(info.value.response.headers["retry-after"]) <= 86_400
+
+
+def test_usage_endpoint_shows_the_keys_quota(costs: dict[str, Any]) -> None:
+    key = key_for(costs, "free")
+    sdk(costs, key).chat.completions.create(model="cheap", messages=MESSAGES, max_tokens=MAX_TOKENS)
+    deadline = time.monotonic() + 10
+    usage: dict[str, Any] = {}
+    while usage.get("used_tokens", 0) == 0 and time.monotonic() < deadline:  # settling is off the client's path
+        usage = httpx.get(f"{costs['base_url']}/v1/usage", headers={"Authorization": f"Bearer {key}"}).json()
+    assert usage["limit_tokens"] == QUOTA_REQUESTS * PER_REQUEST
+    assert 0 < usage["used_tokens"] <= PER_REQUEST
+    assert usage["remaining_tokens"] == usage["limit_tokens"] - usage["used_tokens"] - usage["reserved_tokens"]
+
+
+def test_concurrent_requests_never_overshoot_the_quota(costs: dict[str, Any]) -> None:
+    """500 concurrent requests from one user over 2 Gateway replicas: exactly the quota's worth pass."""
+    key = key_for(costs, "free")
+    costs["upstream"].latency_ms = 8000  # every reservation is made before any settles (~3 s for 500)
+
+    async def fire() -> list[httpx.Response]:
+        limits = httpx.Limits(max_connections=500)
+        async with httpx.AsyncClient(limits=limits, timeout=120) as client:
+            body = {"model": "cheap", "messages": MESSAGES, "max_tokens": MAX_TOKENS}  # no model budget on cheap
+            return await asyncio.gather(*(client.post(f"{costs['base_url']}/v1/chat/completions", json=body,
+                                                      headers={"Authorization": f"Bearer {key}"})
+                                          for _ in range(500)))
+
+    try:
+        responses = asyncio.run(fire())
+    finally:
+        costs["upstream"].latency_ms = 0
+    statuses = [r.status_code for r in responses]
+    assert statuses.count(200) == QUOTA_REQUESTS
+    assert statuses.count(429) == 500 - QUOTA_REQUESTS
+    assert {r.json()["error"]["code"] for r in responses if r.status_code == 429} == {"insufficient_quota"}
+    usage = httpx.get(f"{costs['base_url']}/v1/usage", headers={"Authorization": f"Bearer {key}"}).json()
+    assert usage["used_tokens"] + usage["reserved_tokens"] <= usage["limit_tokens"]
+    ids = {r.headers["x-request-id"] for r in responses}
+    admin = {"Authorization": f"Bearer {costs['admin_key']}"}
+    deadline = time.monotonic() + 20
+    recorded: set[str] = set()
+    while not ids <= recorded and time.monotonic() < deadline:
+        rows = httpx.get(f"{costs['base_url']}/admin/requests", params={"limit": 1000, "tenant": costs["tenant"]},
+                         headers=admin).json()
+        recorded = {row["id"] for row in rows}
+    assert ids <= recorded  # the ledger holds every request, denied ones included
