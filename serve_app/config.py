@@ -12,6 +12,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import Field, NonNegativeFloat, PositiveFloat, PositiveInt, field_validator, model_validator
 
+from serve_app.alerts import AlertsConfig
 from serve_app.config_base import BaseConfig
 from serve_app.cost_config import CostGuardConfig
 
@@ -186,6 +187,7 @@ class GatewayConfig(BaseConfig):
     embedder: EmbedderConfig = Field(default_factory=EmbedderConfig)
     ledger: LedgerConfig = Field(default_factory=LedgerConfig)
     cost_guard: CostGuardConfig = Field(default_factory=CostGuardConfig)
+    alerts: AlertsConfig = Field(default_factory=AlertsConfig)
     placement: PlacementConfig = Field(default_factory=PlacementConfig)
 
     @model_validator(mode="after")

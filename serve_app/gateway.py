@@ -17,9 +17,8 @@ from typing import Any
 
 import numpy as np
 import orjson
-from fastapi import Depends, FastAPI, Query, Request
+from fastapi import Depends, FastAPI, Request
 from fastapi.responses import Response, StreamingResponse
-from pydantic import BaseModel
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 
@@ -27,7 +26,10 @@ from deployments.cost_guard import CostGuard
 from deployments.cost_guard_protocol import UsageReport
 from deployments.ledger import AttemptRecord, LedgerBuffer, RequestRecord
 from serve_app import __version__
-from serve_app.auth import APIKey, KeyStore, Plan
+from serve_app.admin import router as admin_router
+from serve_app.alerts import Alerter
+from serve_app.auth import APIKey, KeyStore
+from serve_app.deps import authenticate
 from serve_app.circuit import CircuitBreakers
 from serve_app.config import GatewayConfig, ModelConfig
 from serve_app.constants import (
@@ -41,7 +43,6 @@ from serve_app.errors import (
     ErrorResponse,
     InvalidRequestError,
     ModelNotFoundError,
-    PermissionDeniedError,
     RaygateError,
     UpstreamUnavailableError,
 )
@@ -75,20 +76,8 @@ app = FastAPI(title="raygate", version=__version__, responses=ERROR_RESPONSES)
 # Outermost: every response, errors included, gets x-request-id; big bodies stop here.
 app.add_middleware(RequestContextMiddleware, max_body_bytes=lambda: app.state.max_body_bytes)
 install_error_handlers(app)
+app.include_router(admin_router)
 app.state.max_body_bytes = 1_048_576
-
-
-async def authenticate(request: Request) -> APIKey:
-    """FastAPI dependency: the caller's key record (runs before the body is validated)."""
-    gateway: Gateway = request.app.state.gateway
-    return await gateway.keys.authenticate(request.headers.get("authorization"))
-
-
-async def require_admin(key: APIKey = Depends(authenticate)) -> APIKey:
-    """FastAPI dependency: an admin key."""
-    if not key.admin:
-        raise PermissionDeniedError("This route needs an admin key.")
-    return key
 
 
 async def _probe(check: Any) -> str:
@@ -125,13 +114,6 @@ def _answer_headers(answer: Answer, started: float) -> dict[str, str]:
     }
 
 
-class KeyCreateRequest(BaseModel):
-    tenant: str
-    user: str
-    plan: Plan = "free"
-    admin: bool = False
-
-
 @serve.ingress(app)
 class Gateway:
     """The ingress deployment.
@@ -160,7 +142,9 @@ class Gateway:
         self.models = models
         self.dispatcher = Dispatcher(config, models, CircuitBreakers(redis))
         guard = cost_guard or CostGuard(config.cost_guard, redis_url, config.prices())
-        self.spend = Spend(Placed("CostGuard", guard, remote=cost_guard is not None))
+        placed = Placed("CostGuard", guard, remote=cost_guard is not None)
+        self.alerter = Alerter(config.alerts, redis, budget_status=lambda: placed("budget_status"))
+        self.spend = Spend(placed, on_crossings=self.alerter.notify)
         self.embedder = embedder
         self.ledger = ledger
         self.ledger_buffer = LedgerBuffer(
@@ -254,47 +238,10 @@ class Gateway:
         body = {"status": "ok" if healthy else "degraded", "components": status}
         return Response(orjson.dumps(body), status_code=200 if healthy else 503, media_type="application/json")
 
-    @app.get("/admin/requests", response_model=list[RequestRecord])
-    async def admin_requests(
-        self,
-        limit: int = Query(100, ge=1, le=1000),
-        offset: int = Query(0, ge=0),
-        tenant: str | None = None,
-        key: APIKey = Depends(require_admin),
-    ) -> list[RequestRecord]:
-        """The ledger's request rows, newest first."""
-        await self.ledger_buffer.flush()
-        rows = self.ledger.list_requests.remote(limit=limit, offset=offset, tenant=tenant)
-        result: list[RequestRecord] = await call(rows, LEDGER_CALL_TIMEOUT_S, "Ledger")
-        return result
-
-    @app.get("/admin/requests/{request_id}/attempts", response_model=list[AttemptRecord])
-    async def admin_request_attempts(self, request_id: str, key: APIKey = Depends(require_admin)) -> list[AttemptRecord]:
-        """Every model call made for one request (retries and fallbacks included)."""
-        await self.ledger_buffer.flush()
-        result: list[AttemptRecord] = await call(self.ledger.list_attempts.remote(request_id),
-                                                  LEDGER_CALL_TIMEOUT_S, "Ledger")
-        return result
-
-    @app.post("/admin/keys")
-    async def admin_create_key(self, body: KeyCreateRequest, key: APIKey = Depends(require_admin)) -> dict[str, Any]:
-        """Create an API key; the key itself is shown only in this answer."""
-        secret, record = await self.keys.create(body.tenant, body.user, body.plan, admin=body.admin)
-        return {"key": secret, **record.model_dump()}
-
-    @app.get("/admin/keys", response_model=list[APIKey])
-    async def admin_list_keys(self, key: APIKey = Depends(require_admin)) -> list[APIKey]:
-        """Every key's record (never the keys)."""
-        return await self.keys.list()
-
-    @app.delete("/admin/keys/{key_id}", response_model=APIKey)
-    async def admin_revoke_key(self, key_id: str, key: APIKey = Depends(require_admin)) -> APIKey:
-        """Revoke a key by its id."""
-        return await self.keys.revoke(key_id)
-
     async def __del__(self) -> None:
         """Serve calls this when the replica stops: buffered ledger rows are not lost."""
         await self.spend.close()
+        await self.alerter.close()
         await self.ledger_buffer.close()
         await self.keys.redis.aclose()
 

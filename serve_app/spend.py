@@ -7,7 +7,7 @@ a crashed replica never settles expires in CostGuard and is reclaimed.
 from __future__ import annotations
 
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 
 from deployments.cost_guard_protocol import ReserveDecision, ReserveRequest, ThresholdCrossing
 from serve_app.auth import APIKey
@@ -45,11 +45,11 @@ class Spend:
 
     Args:
         cost_guard: CostGuard, embedded or behind its handle.
-        on_crossings: called with budget thresholds crossed for the first time in a period.
+        on_crossings: given the budget thresholds crossed for the first time in a period.
     """
 
     def __init__(self, cost_guard: Placed,
-                 on_crossings: Callable[[list[ThresholdCrossing]], Awaitable[None]] | None = None) -> None:
+                 on_crossings: Callable[[list[ThresholdCrossing]], object] | None = None) -> None:
         self.cost_guard = cost_guard
         self.on_crossings = on_crossings
         self.background = BackgroundTasks()
@@ -88,7 +88,7 @@ class Spend:
             logger.warning("Settling request %s failed: %s", request_id, exc.code)
             return
         if result.crossings and self.on_crossings is not None:
-            await self.on_crossings(result.crossings)
+            self.on_crossings(result.crossings)  # the alerter stores and sends in its own tasks
 
     async def close(self) -> None:
         """Wait for pending settlements, then release the component's connections."""

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import json
+import threading
 import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -28,7 +31,28 @@ QUOTA_REQUESTS = 37  # the free plan's daily quota covers exactly this many requ
 ECHO_BUDGET_TOKENS = 3 * PER_REQUEST
 
 
-def costs_args(upstream_url: str, data_dir: Path, redis_url: str, placement: str, tenant: str) -> dict[str, Any]:
+class WebhookReceiver:
+    """A local HTTP server that records the JSON bodies POSTed to it."""
+
+    def __init__(self) -> None:
+        received = self.received = []
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self) -> None:  # noqa: N802 - http.server's naming
+                received.append(json.loads(self.rfile.read(int(self.headers["content-length"]))))
+                self.send_response(200)
+                self.end_headers()
+
+            def log_message(self, *args: Any) -> None:
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_port}/hook"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+
+def costs_args(upstream_url: str, data_dir: Path, redis_url: str, placement: str, tenant: str,
+               webhook_url: str) -> dict[str, Any]:
     params = {"base_url": upstream_url, "model": "slow-or-fast"}
     return {
         "models": [
@@ -40,6 +64,7 @@ def costs_args(upstream_url: str, data_dir: Path, redis_url: str, placement: str
         "stores": {"redis_url": redis_url, "data_dir": str(data_dir)},
         "gateway": {"ledger_flush_interval_s": 0.1},
         "placement": {"cost_guard": placement},
+        "alerts": {"webhook_url": webhook_url},
         "cost_guard": {
             "plans": {
                 "free": {"daily_tokens": QUOTA_REQUESTS * PER_REQUEST, "allowed_models": ["echo", "cheap"]},
@@ -64,13 +89,17 @@ def costs(request: pytest.FixtureRequest, deployed: Deployed, session_data_dir: 
     placement = request.param
     tenant = uuid.uuid4().hex[:6]
     upstream = FakeUpstream(latency_ms=0)
+    webhook = WebhookReceiver()
     with upstream.run_in_thread() as upstream_url:
-        args = costs_args(upstream_url, session_data_dir / f"costs-{placement}", deployed.redis_url, placement, tenant)
+        args = costs_args(upstream_url, session_data_dir / f"costs-{placement}", deployed.redis_url, placement, tenant,
+                          webhook.url)
         name = f"costs-{placement}"
         serve.run(build_app(args, gateway_options={"num_replicas": 2}), name=name, route_prefix=f"/{name}")
         yield {"base_url": f"{deployed.base_url}/{name}", "upstream": upstream, "tenant": tenant,
-               "redis_url": deployed.redis_url, "admin_key": deployed.admin_key, "placement": placement}
+               "redis_url": deployed.redis_url, "admin_key": deployed.admin_key, "placement": placement,
+               "webhook": webhook}
         serve.delete(name)
+    webhook.server.shutdown()
 
 
 def key_for(costs: dict[str, Any], plan: str) -> str:
@@ -161,3 +190,34 @@ def test_concurrent_requests_never_overshoot_the_quota(costs: dict[str, Any]) ->
                          headers=admin).json()
         recorded = {row["id"] for row in rows}
     assert ids <= recorded  # the ledger holds every request, denied ones included
+
+
+def test_budget_alert_is_stored_and_sent_once(costs: dict[str, Any]) -> None:
+    """The downgrade test spent most of the echo budget: its 80 % threshold was crossed once."""
+    budget = f"echo-{costs['tenant']}"
+    admin = {"Authorization": f"Bearer {costs['admin_key']}"}
+    deadline = time.monotonic() + 10
+    stored: list[dict[str, Any]] = []
+    while not stored and time.monotonic() < deadline:
+        alerts = httpx.get(f"{costs['base_url']}/admin/alerts", headers=admin).json()
+        stored = [a for a in alerts if a["budget_id"] == budget and a["threshold"] == 0.8]
+    assert len(stored) == 1
+    sent: list[dict[str, Any]] = []
+    while not sent and time.monotonic() < deadline:
+        sent = [b for b in costs["webhook"].received if b["budget_id"] == budget and b["threshold"] == 0.8]
+    assert len(sent) == 1 and sent[0]["id"] == stored[0]["id"]
+
+
+def test_cost_report_equals_the_ledger(costs: dict[str, Any]) -> None:
+    admin = {"Authorization": f"Bearer {costs['admin_key']}"}
+    params = {"tenant": costs["tenant"]}
+    rows = httpx.get(f"{costs['base_url']}/admin/requests", params={**params, "limit": 1000}, headers=admin).json()
+    report = httpx.get(f"{costs['base_url']}/admin/costs", params={**params, "group_by": "model"}, headers=admin).json()
+    by_model = {r["key"]: r for r in report["rows"]}
+    for model in ("echo", "cheap"):
+        mine = [r for r in rows if r["model"] == model]
+        assert by_model[model]["requests"] == len(mine)
+        assert by_model[model]["cost_usd"] == pytest.approx(sum(r["cost_usd"] for r in mine))
+    csv_text = httpx.get(f"{costs['base_url']}/admin/costs", headers=admin,
+                         params={**params, "group_by": "model", "format": "csv"}).text
+    assert csv_text.splitlines()[0].startswith("key,") and len(csv_text.splitlines()) == len(report["rows"]) + 1
