@@ -95,15 +95,20 @@ async def costs(
 
 
 async def _budget_forecasts(gateway: "Gateway", tenant: str | None) -> list[dict[str, Any]]:
-    """Each global or tenant budget: spend so far, and the forecast to the end of its period."""
+    """Every budget's spend so far; global and tenant budgets also get a forecast to the period's end.
+
+    The ledger can filter spend by tenant only, so user, model and tag budgets get no forecast.
+    """
     answers = []
     for budget in await gateway.spend.cost_guard("budget_status"):
-        if budget.scope not in ("global", "tenant") or (tenant and budget.scope_value not in (None, tenant)):
+        if tenant and budget.scope == "tenant" and budget.scope_value != tenant:
             continue
-        forecast: reports.Forecast = await _ledger(
-            gateway, "spend_forecast", budget.resets_at.timestamp(), spent_usd=budget.used_usd,
-            tenant=budget.scope_value if budget.scope == "tenant" else None)
-        projected = forecast.projected_usd
+        forecast: reports.Forecast | None = None
+        if budget.scope in ("global", "tenant"):
+            forecast = await _ledger(
+                gateway, "spend_forecast", budget.resets_at.timestamp(), spent_usd=budget.used_usd,
+                tenant=budget.scope_value if budget.scope == "tenant" else None)
+        projected = forecast.projected_usd if forecast is not None else None
         answers.append({"budget": budget, "forecast": forecast,
                         "will_exceed": bool(budget.limit_usd and projected is not None and projected > budget.limit_usd)})
     return answers

@@ -124,6 +124,8 @@ def app_args(data_dir: Path, redis_url: str, upstream_url: str, flaky_url: str) 
             {"name": "broken", "engine": "remote",
              "engine_params": {"base_url": f"http://127.0.0.1:{free_port()}/v1", "model": "x", "timeout_s": 2},
              "fallbacks": ["echo"], "required": False},
+            {"name": "tiny-short", "engine": "hf", "engine_params": {"model_path": "tiny", "max_model_len_tokens": 48},
+             "context_fallback": "echo", "required": False},
             {"name": "claude", "engine": "remote", "required": False,
              "engine_params": {"provider": "anthropic", "base_url": upstream_url, "model": "claude-fake",
                                "api_key_env": "RAYGATE_TEST_UPSTREAM_KEY"}},

@@ -170,3 +170,20 @@ def test_usage_counted_by_raygate_is_marked_estimated_in_the_ledger(flaky: Deplo
         row = next((r for r in rows if r["id"] == raw.headers["x-request-id"]), None)
     assert row is not None and row["usage_estimated"] in (1, True)
     assert row["completion_tokens"] == usage.completion_tokens
+
+
+def test_prompt_too_long_for_the_window_goes_to_the_context_fallback(deployed: Deployed) -> None:
+    long_prompt = [{"role": "user", "content": " ".join(["poultry"] * 120)}]
+    raw = client(deployed).chat.completions.with_raw_response.create(model="tiny-short", messages=long_prompt)
+    assert raw.headers["x-raygate-model"] == "echo"
+    assert raw.headers["x-raygate-fallback"] == "true"
+    rows = attempts_of(deployed, raw.headers["x-request-id"])
+    assert [(r["model"], r["status"], r["error_code"]) for r in rows] == [
+        ("tiny-short", 400, "context_length_exceeded"), ("echo", 200, None)]
+
+
+def test_prompt_too_long_without_context_fallback_is_a_400(deployed: Deployed) -> None:
+    long_prompt = [{"role": "user", "content": " ".join(["poultry"] * 3000)}]
+    with pytest.raises(openai.BadRequestError) as info:
+        client(deployed).chat.completions.create(model="tiny", messages=long_prompt)
+    assert info.value.code == "context_length_exceeded"
