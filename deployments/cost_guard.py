@@ -25,26 +25,32 @@ Expired reservations (a replica died between reserve and settle) are released
 inside ``reserve`` (``reclaim_per_reserve`` at a time), and by
 ``reclaim_expired`` for a periodic sweep, so no timer is needed for
 correctness.
+
+Plans and budgets changed through the admin API (``put_budget``,
+``delete_budget``, ``put_plan``) are stored in Redis and reach every instance
+within ``config_refresh_s`` (``deployments.cost_guard_config_store``).
 """
 
 from __future__ import annotations
 
 import logging
 import time
-from datetime import date, datetime, timedelta
+from datetime import date
 from typing import Any, NamedTuple
 from urllib.parse import quote
 from zoneinfo import ZoneInfo
 
 import orjson
 
+from deployments.cost_guard_config_store import CostConfigStore
 from deployments.cost_guard_lua import COST_GUARD_LUA
+from deployments.cost_guard_periods import Window, midnight, period_window
 from deployments.cost_guard_protocol import (
     NANO_USD, PLAN_QUOTA, BudgetStatus, Outcome, Reason, ReserveDecision, ReserveRequest, SettleResult,
     ThresholdCrossing, UsageReport, budget_status_from_counters, utc,
 )
 from serve_app.auth import Plan
-from serve_app.cost_config import BudgetConfig, BudgetPeriod, CostGuardConfig, PlanConfig
+from serve_app.cost_config import BudgetConfig, BudgetPeriod, CostGuardConfig, PlanConfig, PlansConfig
 from serve_app.stores import map_redis_errors, redis_client
 
 logger = logging.getLogger(__name__)
@@ -53,32 +59,6 @@ __all__ = [
     "BudgetStatus", "CostGuard", "ReserveDecision", "ReserveRequest", "SettleResult", "ThresholdCrossing",
     "UsageReport", "Window", "period_window",
 ]
-
-
-class Window(NamedTuple):
-    """One period: its label (start date, used in keys) and bounds in epoch seconds."""
-
-    label: str
-    start: float
-    end: float
-
-
-def period_window(period: BudgetPeriod, now: float, tz: ZoneInfo) -> Window:
-    """Return the day, week (from Monday) or month that contains ``now`` in ``tz``."""
-    today = datetime.fromtimestamp(now, tz).date()
-    if period == "day":
-        start, end = today, today + timedelta(days=1)
-    elif period == "week":
-        start = today - timedelta(days=today.weekday())
-        end = start + timedelta(days=7)
-    else:
-        start = today.replace(day=1)
-        end = date(start.year + start.month // 12, start.month % 12 + 1, 1)
-    return Window(start.isoformat(), _midnight(start, tz).timestamp(), _midnight(end, tz).timestamp())
-
-
-def _midnight(day: date, tz: ZoneInfo) -> datetime:
-    return datetime(day.year, day.month, day.day, tzinfo=tz)
 
 
 class _Check(NamedTuple):
@@ -92,10 +72,12 @@ class CostGuard:
     """Reserves, settles and reports quota and budget usage; embedded or as a Serve deployment.
 
     Args:
-        config: plans, budgets and reservation settings.
-        redis_url: the Redis/Valkey holding the counters.
-        prices: model name -> (input, output) USD per 1M tokens. A model missing here is
-            priced at the highest known price, so an unpriced name cannot slip past a USD budget.
+        config: the file's plans, budgets and reservation settings (the admin API overrides
+            plans and budgets).
+        redis_url: the Redis/Valkey holding the counters and the overrides.
+        prices: model name -> (input, output) USD per 1M tokens; its keys are the served models
+            that plans and budgets may name. A model missing here is priced at the highest
+            known price, so an unpriced name cannot slip past a USD budget.
         key_prefix: namespace of every key (tests use one per test; a ``{hash tag}`` keeps
             all keys in one Redis Cluster slot, which the scripts need).
     """
@@ -108,8 +90,8 @@ class CostGuard:
         *,
         key_prefix: str = "raygate:cg",
     ) -> None:
-        self.config = config
         self.redis = redis_client(redis_url, config.redis_max_connections)
+        self._store = CostConfigStore(self.redis, config, prices, key_prefix=key_prefix)
         self._script = self.redis.register_script(COST_GUARD_LUA)
         # Prices per token in nano-USD: USD per 1M tokens * 1e9 / 1e6.
         self._prices = {m: (p_in * 1000, p_out * 1000) for m, (p_in, p_out) in prices.items()}
@@ -119,10 +101,15 @@ class CostGuard:
         )
         self._tz = ZoneInfo(config.timezone)
         self._windows: dict[str, Window] = {}
-        self._budget_specs: dict[str, tuple[str, dict[str, Any]]] = {}
+        self._budget_specs: dict[str, tuple[str, BudgetConfig, dict[str, Any]]] = {}
         self._prefix = key_prefix
         self._zset = f"{key_prefix}:reservations"
         self._res_prefix = f"{key_prefix}:res:"
+
+    @property
+    def config(self) -> CostGuardConfig:
+        """The effective config: the file's, with the plans and budgets changed through the admin API."""
+        return self._store.config
 
     async def reserve(self, request: ReserveRequest, now: float | None = None) -> ReserveDecision:
         """Reserve a request's worst-case usage on every quota and budget it counts against.
@@ -140,6 +127,7 @@ class CostGuard:
             ServiceUnavailableError: Redis is unreachable.
         """
         now = time.time() if now is None else now
+        await self._store.refresh()
         plan = self.config.plans.get(request.plan)
         cap = plan.max_tokens_cap
         max_tokens = request.max_tokens if cap is None else min(request.max_tokens, cap)
@@ -198,7 +186,7 @@ class CostGuard:
         if not int(reply[0]):
             return SettleResult(settled=False)
         crossings = [
-            ThresholdCrossing(budget_id=b, threshold=float(t), period_start=_midnight(date.fromisoformat(p), self._tz))
+            ThresholdCrossing(budget_id=b, threshold=float(t), period_start=midnight(date.fromisoformat(p), self._tz))
             for b, p, t in reply[1]
         ]
         for c in crossings:
@@ -241,11 +229,12 @@ class CostGuard:
     async def usage(self, tenant: str, user: str, plan: Plan, now: float | None = None) -> UsageReport:
         """Return a user's daily plan quota: used, reserved, remaining and reset time."""
         now = time.time() if now is None else now
+        await self._store.refresh()
         day = self._window("day", now)
+        limit = self.config.plans.get(plan).daily_tokens
         async with map_redis_errors("cost guard usage"):
             c = await self.redis.hgetall(self._quota_key(tenant, user, day.label))
         used, reserved = int(c.get("ut", 0)), int(c.get("rt", 0))
-        limit = self.config.plans.get(plan).daily_tokens
         return UsageReport(
             tenant=tenant, user=user, plan=plan, used_tokens=used, reserved_tokens=reserved, limit_tokens=limit,
             remaining_tokens=None if limit is None else max(0, limit - used - reserved),
@@ -255,16 +244,49 @@ class CostGuard:
     async def budget_status(self, now: float | None = None) -> list[BudgetStatus]:
         """Return every budget's use in its current period, in config order."""
         now = time.time() if now is None else now
-        windows = [self._window(b.period, now) for b in self.config.budgets]
+        await self._store.refresh()
+        budgets = self.config.budgets  # one snapshot: a refresh may swap the config during the await
+        windows = [self._window(b.period, now) for b in budgets]
         async with map_redis_errors("cost guard budget status"):
             async with self.redis.pipeline(transaction=False) as pipe:
-                for b, w in zip(self.config.budgets, windows):
+                for b, w in zip(budgets, windows):
                     pipe.hgetall(self._budget_key(b.id, w.label))
                 counters: list[dict[str, str]] = await pipe.execute()
-        return [
-            budget_status_from_counters(b, w.start, w.end, c)
-            for b, w, c in zip(self.config.budgets, windows, counters)
-        ]
+        return [budget_status_from_counters(b, w.start, w.end, c) for b, w, c in zip(budgets, windows, counters)]
+
+    async def list_budgets(self) -> list[BudgetConfig]:
+        """Return the effective budgets, as of Redis now (file order, then budgets added by id)."""
+        await self._store.refresh(force=True)
+        return list(self.config.budgets)
+
+    async def put_budget(self, budget: BudgetConfig) -> BudgetConfig:
+        """Create or replace a budget (keeping this period's use); all instances see it in ``config_refresh_s``.
+
+        Raises:
+            InvalidRequestError: a model-scoped budget names a model that is not served.
+        """
+        return await self._store.put_budget(budget)
+
+    async def delete_budget(self, budget_id: str) -> BudgetConfig:
+        """Stop enforcing a budget, a file budget included (until put again), and return it.
+
+        Raises:
+            NotFoundError: no budget with this id.
+        """
+        return await self._store.delete_budget(budget_id)
+
+    async def list_plans(self) -> PlansConfig:
+        """Return the effective plans, as of Redis now."""
+        await self._store.refresh(force=True)
+        return self.config.plans
+
+    async def put_plan(self, name: str, plan: PlanConfig) -> PlanConfig:
+        """Replace a plan; every instance applies it within ``config_refresh_s``.
+
+        Raises:
+            InvalidRequestError: not a plan name, or the plan names a model that is not served.
+        """
+        return await self._store.put_plan(name, plan)
 
     async def ping(self) -> None:
         """Raise ServiceUnavailableError when Redis does not answer (for the Gateway's GET /health).
@@ -307,7 +329,7 @@ class CostGuard:
     def _budget_spec(self, b: BudgetConfig, label: str) -> dict[str, Any]:
         """Return the parts of a budget's counter spec that are fixed within a period (cached)."""
         cached = self._budget_specs.get(b.id)
-        if cached is None or cached[0] != label:
+        if cached is None or cached[0] != label or cached[1] is not b:  # a new period, or a changed budget
             c: dict[str, Any] = {"k": self._budget_key(b.id, label), "id": b.id, "p": label}
             if b.limit_tokens is not None:
                 c["lt"] = b.limit_tokens
@@ -315,8 +337,8 @@ class CostGuard:
                 c["lu"] = round(b.limit_usd * NANO_USD)
             if b.alert_thresholds:
                 c["a"] = [[t, f"{self._prefix}:alert:{b.id}:{label}:{t!r}", repr(t)] for t in b.alert_thresholds]
-            cached = self._budget_specs[b.id] = (label, c)
-        return cached[1]
+            cached = self._budget_specs[b.id] = (label, b, c)
+        return cached[2]
 
     def _decision(
         self, reply: list[Any], request: ReserveRequest, plan: PlanConfig, models: list[str],

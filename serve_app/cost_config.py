@@ -134,6 +134,10 @@ class CostGuardConfig(BaseConfig):
     redis_max_connections: PositiveInt = Field(
         64, description="Connections per CostGuard instance; callers past this wait instead of failing."
     )
+    config_refresh_s: PositiveFloat = Field(
+        1.0,
+        description="How often each CostGuard instance checks Redis for plans and budgets changed by the admin API.",
+    )
 
     @field_validator("timezone")
     @classmethod

@@ -27,6 +27,7 @@ from deployments.cost_guard_protocol import UsageReport
 from deployments.ledger import AttemptRecord, LedgerBuffer, RequestRecord
 from serve_app import __version__
 from serve_app.admin import router as admin_router
+from serve_app.cost_admin import router as cost_admin_router
 from serve_app.alerts import Alerter
 from serve_app.auth import APIKey, KeyStore
 from serve_app.deps import authenticate
@@ -77,6 +78,7 @@ app = FastAPI(title="raygate", version=__version__, responses=ERROR_RESPONSES)
 app.add_middleware(RequestContextMiddleware, max_body_bytes=lambda: app.state.max_body_bytes)
 install_error_handlers(app)
 app.include_router(admin_router)
+app.include_router(cost_admin_router)
 app.state.max_body_bytes = 1_048_576
 
 

@@ -97,7 +97,9 @@ def _validation_error(exc: RequestValidationError) -> InvalidRequestError:
     if not errors:
         return InvalidRequestError("Invalid request body.")
     first = errors[0]
-    loc = [str(p) for p in first.get("loc", ()) if p != "body"]
+    loc = [str(p) for p in first.get("loc", ())]
+    if loc and loc[0] in ("body", "query", "path", "header"):  # where it was, not what it is called
+        loc = loc[1:]
     param = ".".join(loc) or None
     if first.get("type") == "json_invalid":
         return InvalidRequestError("We could not parse the JSON body of your request.")

@@ -221,3 +221,20 @@ def test_cost_report_equals_the_ledger(costs: dict[str, Any]) -> None:
     csv_text = httpx.get(f"{costs['base_url']}/admin/costs", headers=admin,
                          params={**params, "group_by": "model", "format": "csv"}).text
     assert csv_text.splitlines()[0].startswith("key,") and len(csv_text.splitlines()) == len(report["rows"]) + 1
+
+
+def test_budget_put_through_the_admin_api_applies_without_restart(costs: dict[str, Any]) -> None:
+    admin = {"Authorization": f"Bearer {costs['admin_key']}"}
+    tag = f"live-{costs['tenant']}"
+    budget = {"scope": "tag", "scope_value": tag, "limit_tokens": 1}
+    assert httpx.put(f"{costs['base_url']}/admin/budgets/{tag}", json=budget, headers=admin).status_code == 200
+    client = sdk(costs, key_for(costs, "premium"))
+    deadline = time.monotonic() + 10
+    denied = False
+    while not denied and time.monotonic() < deadline:  # both Gateway replicas pick it up within 1 s
+        try:
+            client.chat.completions.create(model="cheap", messages=MESSAGES, extra_headers={"x-raygate-tag": tag})
+        except openai.RateLimitError:
+            denied = True
+    assert denied
+    assert httpx.delete(f"{costs['base_url']}/admin/budgets/{tag}", headers=admin).status_code == 200
