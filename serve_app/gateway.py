@@ -182,6 +182,7 @@ class Gateway:
             answer = await self.dispatcher.first_answer(body, model, attempts, _language(request))
         except RaygateError as exc:
             self._record(record, started, None, None, exc, attempts)
+            exc.headers = {**exc.headers, "x-raygate-attempts": str(len(attempts))}
             raise
         headers = _answer_headers(answer, started)
         if record.downgraded_from:

@@ -466,8 +466,7 @@ class FakeUpstream:
     async def _drop(request: web.Request, response: web.StreamResponse, data: bytes) -> web.StreamResponse:
         """Send ``data`` in a chunked body, then cut the connection mid-body."""
         await response.prepare(request)
-        await response.write(data)
-        await response.drain()
+        await response.write(data)  # write() waits for the buffer to drain
         assert request.transport is not None
         request.transport.close()
         return response

@@ -94,6 +94,7 @@ def test_rate_limited_everywhere_reports_retry_after(flaky: Deployed) -> None:
     assert response.status_code == 503
     assert response.json()["error"]["code"] == "upstream_rate_limited"
     assert response.headers["retry-after"] == "60"
+    assert response.headers["x-raygate-attempts"] == "1"
     assert flaky.flaky.request_count == 1  # 60 s is over max_retry_after_s: no wait, no retry
 
 
