@@ -38,13 +38,10 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import os
-from collections.abc import AsyncIterator, Iterator, Sequence
+from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
-import aiohttp
 import anthropic
-import httpx2
 from anthropic.types import (
     RawContentBlockDeltaEvent,
     RawContentBlockStartEvent,
@@ -53,6 +50,7 @@ from anthropic.types import (
     RawMessageStreamEvent,
 )
 
+from deployments.models.provider import client_kwargs, map_sdk_errors
 from deployments.models.base import ChunkFactory, Engine, EngineOutput
 from deployments.models.tokens import estimate_usage
 from serve_app.config import ModelConfig, RemoteEngineParams
@@ -61,7 +59,6 @@ from serve_app.errors import (
     RaygateError,
     ServiceUnavailableError,
     UpstreamError,
-    UpstreamTimeoutError,
     UpstreamUnavailableError,
 )
 from serve_app.protocol import (
@@ -76,7 +73,6 @@ from serve_app.protocol import (
 
 logger = logging.getLogger(__name__)
 
-_MAX_UPSTREAM_MESSAGE_CHARS = 1000
 _MAX_TEMPERATURE = 1.0
 _SYSTEM_ROLES = frozenset({"system", "developer"})
 _DROPPED_FIELDS = ("frequency_penalty", "presence_penalty", "seed")
@@ -96,33 +92,6 @@ _FINISH_REASONS: dict[str, FinishReason] = {
 _TRANSIENT_ERROR_TYPES = frozenset({"overloaded_error", "api_error", "timeout_error"})
 
 
-def _upstream_message(exc: anthropic.APIStatusError) -> str:
-    """Return the upstream's own error message (the SDK's ``str(exc)`` embeds the whole body)."""
-    message = exc.api_message
-    if not isinstance(message, str) or not message:
-        message = f"The upstream rejected the request (HTTP {exc.status_code})."
-    return message[:_MAX_UPSTREAM_MESSAGE_CHARS]
-
-
-def _is_timeout(exc: BaseException) -> bool:
-    """Return whether a connection-level failure was a timeout.
-
-    The cause chain decides first, as in ``remote.py``: the SDK turns any exception
-    its transport does not map into ``APIConnectionError``, so a bare ``TimeoutError``
-    may hide under one. Without a telling cause, the SDK's type decides (this SDK's
-    vendored aiohttp transport, unlike the openai one, maps connection errors to
-    ``ConnectError``, so its timeout types can be trusted).
-    """
-    seen: BaseException | None = exc
-    while seen is not None:
-        if isinstance(seen, TimeoutError):  # aiohttp's timeouts are TimeoutErrors
-            return True
-        if isinstance(seen, (aiohttp.ClientConnectionError, ConnectionError)):
-            return False
-        seen = seen.__cause__ or seen.__context__
-    return isinstance(exc, (anthropic.APITimeoutError, httpx2.TimeoutException))
-
-
 def _stream_error(exc: anthropic.APIStatusError, model: str) -> RaygateError:
     """Translate an ``error`` event that arrived inside a 200 stream, by its error type."""
     logger.warning("Upstream of model %s failed mid-stream (%s)", model, exc.type)
@@ -135,60 +104,10 @@ def _stream_error(exc: anthropic.APIStatusError, model: str) -> RaygateError:
     return UpstreamError(f"Model {model}: the upstream failed mid-stream.")
 
 
-@contextlib.contextmanager
-def map_anthropic_errors(model: str) -> Iterator[None]:
-    """Translate ``anthropic`` (and its transport's) exceptions into raygate errors.
-
-    Most specific first: ``APITimeoutError`` is an ``APIConnectionError``, and every
-    status error is an ``APIStatusError``. The mapping is ``map_openai_errors()``'s,
-    plus Anthropic's ``error`` events inside a 200 stream (``overloaded_error`` is
-    the usual one), mapped by their type. Logs carry the type and status only: the
-    SDK's messages quote upstream bodies, which may echo a key.
-
-    Args:
-        model: the raygate model name, for messages and logs.
-
-    Raises:
-        serve_app.errors.RaygateError: the translated error, ``from`` the original.
-    """
-    try:
-        yield
-    except (anthropic.APIConnectionError, httpx2.TransportError) as exc:  # APITimeoutError included
-        if _is_timeout(exc):
-            logger.warning("Upstream of model %s timed out (%s)", model, type(exc).__name__)
-            raise UpstreamTimeoutError(f"Model {model}: the upstream did not answer in time.") from exc
-        logger.warning("Upstream of model %s unreachable (%s)", model, type(exc).__name__)
-        raise UpstreamUnavailableError(f"Model {model}: the upstream could not be reached.") from exc
-    except anthropic.RateLimitError as exc:
-        retry_after = exc.response.headers.get("retry-after")
-        logger.warning("Upstream of model %s rate-limited raygate (retry-after %s)", model, retry_after)
-        raise UpstreamUnavailableError(
-            f"Model {model}: the upstream is rate limiting raygate.",
-            code="upstream_rate_limited",
-            headers={"Retry-After": retry_after} if retry_after else None,
-        ) from exc
-    except (anthropic.BadRequestError, anthropic.UnprocessableEntityError) as exc:
-        logger.info("Upstream of model %s refused a request (HTTP %s)", model, exc.status_code)
-        raise InvalidRequestError(_upstream_message(exc)) from exc
-    except (anthropic.AuthenticationError, anthropic.PermissionDeniedError) as exc:
-        logger.error("Upstream of model %s rejected raygate's credentials (HTTP %s)", model, exc.status_code)
-        raise UpstreamError(
-            f"Model {model}: the upstream rejected raygate's credentials; the operator must fix them."
-        ) from exc
-    except anthropic.NotFoundError as exc:
-        logger.error("Upstream of model %s answered 404: check base_url and model", model)
-        raise UpstreamError(f"Model {model}: the upstream does not serve it (HTTP 404).") from exc
-    except anthropic.InternalServerError as exc:  # every 5xx, Anthropic's 529 "overloaded" included
-        logger.warning("Upstream of model %s failed (HTTP %s)", model, exc.status_code)
-        raise UpstreamUnavailableError(f"Model {model}: the upstream failed (HTTP {exc.status_code}).") from exc
-    except anthropic.APIStatusError as exc:
-        if exc.status_code < 400:
-            raise _stream_error(exc, model) from exc
-        logger.warning("Upstream of model %s answered HTTP %s", model, exc.status_code)
-        raise UpstreamError(f"Model {model}: the upstream answered HTTP {exc.status_code}.") from exc
-    except anthropic.AnthropicError as exc:
-        logger.warning("Upstream of model %s failed (%s)", model, type(exc).__name__)
-        raise UpstreamError(f"Model {model}: the upstream failed.") from exc
+def map_anthropic_errors(model: str) -> contextlib.AbstractContextManager[None]:
+    """Translate ``anthropic`` SDK exceptions into raygate errors (see ``provider.map_sdk_errors``),
+    plus Anthropic's ``error`` events inside a 200 stream, mapped by their type."""
+    return map_sdk_errors(anthropic, model, stream_error=_stream_error)
 
 
 def translate_messages(messages: Sequence[ChatMessage]) -> tuple[str | None, list[dict[str, Any]]]:
@@ -292,20 +211,8 @@ class AnthropicEngine(Engine):
     async def start(self) -> None:
         """Create the SDK client; no network call, the first request opens connections."""
         params = self.params
-        api_key = os.environ.get(params.api_key_env) if params.api_key_env else None
-        if params.api_key_env and not api_key:
-            logger.warning("Model %s: environment variable %s is not set; calling without a key",
-                           self.config.name, params.api_key_env)
-        limits = httpx2.Limits(max_connections=params.max_connections,
-                               max_keepalive_connections=params.max_connections)
-        self.client = anthropic.AsyncAnthropic(
-            base_url=params.base_url.rstrip("/").removesuffix("/v1"),
-            api_key=api_key or "none",
-            default_headers=params.extra_headers,
-            timeout=params.timeout_s,
-            max_retries=0,
-            http_client=anthropic.DefaultAioHttpClient(limits=limits, timeout=params.timeout_s),
-        )
+        self.client = anthropic.AsyncAnthropic(base_url=params.base_url.rstrip("/").removesuffix("/v1"),
+                                               **client_kwargs(anthropic, self.config, params))
 
     async def close(self) -> None:
         """Close the connection pool."""

@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import abc
+import contextlib
 import importlib
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
 from pathlib import Path
 
 from serve_app.config import ModelConfig
@@ -116,6 +117,22 @@ class ChunkFactory:
         return ChatCompletionStreamResponse(
             id=self.id, created=self.created, model=self.model, choices=[choice], usage=usage
         )
+
+
+async def stream_or_collect(
+    request: ChatCompletionRequest, chunks: AsyncGenerator[ChatCompletionStreamResponse, None], model: str
+) -> AsyncIterator[EngineOutput]:
+    """``Engine.chat`` for engines that generate a stream natively: pass it on, or fold it into one answer.
+
+    ``aclosing``: a consumer's ``aclose()`` must reach the generator (``async for`` does not
+    forward it), or generation runs on (holding its slot) until garbage collection.
+    """
+    async with contextlib.aclosing(chunks) as stream:
+        if request.stream:
+            async for chunk in stream:
+                yield chunk
+        else:
+            yield await collect_stream(stream, model)
 
 
 async def collect_stream(

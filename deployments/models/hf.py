@@ -17,7 +17,7 @@ from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from deployments.models.base import ChunkFactory, Engine, EngineOutput, collect_stream, resolve_model_path
+from deployments.models.base import ChunkFactory, Engine, EngineOutput, resolve_model_path, stream_or_collect
 from deployments.models.base import truncate_at_stop
 from serve_app.config import HFEngineParams, ModelConfig
 from serve_app.errors import InvalidRequestError, RaygateError, ServiceUnavailableError, UpstreamUnavailableError
@@ -74,15 +74,9 @@ class HFEngine(Engine):
         if self._model is None:
             raise ServiceUnavailableError(f"Model {self.config.name} is not loaded.")
 
-    async def chat(self, request: ChatCompletionRequest) -> AsyncIterator[EngineOutput]:
+    def chat(self, request: ChatCompletionRequest) -> AsyncIterator[EngineOutput]:
         """Answer one chat request; see ``Engine.chat`` for the contract."""
-        # aclosing: a consumer's aclose() must reach _stream to free its semaphore slot at once.
-        async with contextlib.aclosing(self._stream(request)) as chunks:
-            if request.stream:
-                async for chunk in chunks:
-                    yield chunk
-            else:
-                yield await collect_stream(chunks, self.config.name)
+        return stream_or_collect(request, self._stream(request), self.config.name)
 
     def _load(self) -> None:
         import torch

@@ -10,24 +10,16 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import os
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from typing import Any, get_args
 
-import aiohttp
-import httpx2
 import openai
 
 from deployments.models.base import ChunkFactory, Engine, EngineOutput
+from deployments.models.provider import client_kwargs, map_sdk_errors
 from deployments.models.tokens import estimate_usage
 from serve_app.config import ModelConfig, RemoteEngineParams
-from serve_app.errors import (
-    InvalidRequestError,
-    ServiceUnavailableError,
-    UpstreamError,
-    UpstreamTimeoutError,
-    UpstreamUnavailableError,
-)
+from serve_app.errors import ServiceUnavailableError
 from serve_app.protocol import (
     AssistantMessage,
     ChatCompletionChoice,
@@ -40,87 +32,12 @@ from serve_app.protocol import (
 logger = logging.getLogger(__name__)
 
 _FINISH_REASONS: frozenset[str] = frozenset(get_args(FinishReason))
-_MAX_UPSTREAM_MESSAGE_CHARS = 1000
 _FORWARDED_FIELDS = ("temperature", "top_p", "frequency_penalty", "presence_penalty", "stop", "seed", "user")
 
 
-def _upstream_message(exc: openai.APIStatusError) -> str:
-    """Return the upstream's own error message (the SDK's ``str(exc)`` embeds the whole body)."""
-    body = exc.body
-    message = body.get("message") if isinstance(body, dict) else None
-    if not isinstance(message, str) or not message:
-        message = f"The upstream rejected the request (HTTP {exc.status_code})."
-    return message[:_MAX_UPSTREAM_MESSAGE_CHARS]
-
-
-def _is_timeout(exc: BaseException) -> bool:
-    """Return whether a timeout-typed SDK error really is one.
-
-    The SDK's vendored aiohttp transport (``openai/_vendor/httpx_aiohttp``) maps every
-    ``aiohttp.ClientConnectionError`` to ``httpx2.ConnectTimeout``, so a refused or
-    reset connection arrives as ``APITimeoutError``; the cause chain tells them apart.
-    """
-    seen: BaseException | None = exc
-    while seen is not None:
-        if isinstance(seen, TimeoutError):  # aiohttp's timeouts are TimeoutErrors
-            return True
-        if isinstance(seen, (aiohttp.ClientConnectionError, ConnectionError)):
-            return False
-        seen = seen.__cause__ or seen.__context__
-    return True
-
-
-@contextlib.contextmanager
-def map_openai_errors(model: str) -> Iterator[None]:
-    """Translate ``openai`` (and its transport's) exceptions into raygate errors.
-
-    Most specific first: ``APITimeoutError`` is an ``APIConnectionError``, and every
-    status error is an ``APIStatusError``. Logs carry the type and status only: the
-    SDK's messages quote upstream bodies, which may echo a key.
-
-    Args:
-        model: the raygate model name, for messages and logs.
-
-    Raises:
-        serve_app.errors.RaygateError: the translated error, ``from`` the original.
-    """
-    try:
-        yield
-    except (openai.APIConnectionError, httpx2.TransportError) as exc:  # APITimeoutError included
-        if isinstance(exc, (openai.APITimeoutError, httpx2.TimeoutException)) and _is_timeout(exc):
-            logger.warning("Upstream of model %s timed out (%s)", model, type(exc).__name__)
-            raise UpstreamTimeoutError(f"Model {model}: the upstream did not answer in time.") from exc
-        logger.warning("Upstream of model %s unreachable (%s)", model, type(exc).__name__)
-        raise UpstreamUnavailableError(f"Model {model}: the upstream could not be reached.") from exc
-    except openai.RateLimitError as exc:
-        retry_after = exc.response.headers.get("retry-after")
-        logger.warning("Upstream of model %s rate-limited raygate (retry-after %s)", model, retry_after)
-        raise UpstreamUnavailableError(
-            f"Model {model}: the upstream is rate limiting raygate.",
-            code="upstream_rate_limited",
-            headers={"Retry-After": retry_after} if retry_after else None,
-        ) from exc
-    except (openai.BadRequestError, openai.UnprocessableEntityError) as exc:
-        logger.info("Upstream of model %s refused a request (HTTP %s)", model, exc.status_code)
-        param = exc.param if isinstance(exc.param, str) else None
-        raise InvalidRequestError(_upstream_message(exc), param=param) from exc
-    except (openai.AuthenticationError, openai.PermissionDeniedError) as exc:
-        logger.error("Upstream of model %s rejected raygate's credentials (HTTP %s)", model, exc.status_code)
-        raise UpstreamError(
-            f"Model {model}: the upstream rejected raygate's credentials; the operator must fix them."
-        ) from exc
-    except openai.NotFoundError as exc:
-        logger.error("Upstream of model %s answered 404: check base_url and model", model)
-        raise UpstreamError(f"Model {model}: the upstream does not serve it (HTTP 404).") from exc
-    except openai.InternalServerError as exc:  # every 5xx
-        logger.warning("Upstream of model %s failed (HTTP %s)", model, exc.status_code)
-        raise UpstreamUnavailableError(f"Model {model}: the upstream failed (HTTP {exc.status_code}).") from exc
-    except openai.APIStatusError as exc:
-        logger.warning("Upstream of model %s answered HTTP %s", model, exc.status_code)
-        raise UpstreamError(f"Model {model}: the upstream answered HTTP {exc.status_code}.") from exc
-    except openai.OpenAIError as exc:
-        logger.warning("Upstream of model %s failed (%s)", model, type(exc).__name__)
-        raise UpstreamError(f"Model {model}: the upstream failed.") from exc
+def map_openai_errors(model: str) -> contextlib.AbstractContextManager[None]:
+    """Translate ``openai`` SDK exceptions into raygate errors (see ``provider.map_sdk_errors``)."""
+    return map_sdk_errors(openai, model)
 
 
 def _finish_reason(value: str | None) -> FinishReason:
@@ -145,21 +62,8 @@ class RemoteEngine(Engine):
 
     async def start(self) -> None:
         """Create the SDK client; no network call, the first request opens connections."""
-        params = self.params
-        api_key = os.environ.get(params.api_key_env) if params.api_key_env else None
-        if params.api_key_env and not api_key:
-            logger.warning("Model %s: environment variable %s is not set; calling without a key",
-                           self.config.name, params.api_key_env)
-        limits = httpx2.Limits(max_connections=params.max_connections,
-                               max_keepalive_connections=params.max_connections)
-        self.client = openai.AsyncOpenAI(
-            base_url=params.base_url,
-            api_key=api_key or "none",
-            default_headers=params.extra_headers,
-            timeout=params.timeout_s,
-            max_retries=0,
-            http_client=openai.DefaultAioHttpClient(limits=limits, timeout=params.timeout_s),
-        )
+        self.client = openai.AsyncOpenAI(base_url=self.params.base_url,
+                                         **client_kwargs(openai, self.config, self.params))
 
     async def close(self) -> None:
         """Close the connection pool."""

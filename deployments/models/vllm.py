@@ -25,7 +25,7 @@ import time
 from collections.abc import AsyncIterator, Iterator
 from typing import TYPE_CHECKING, Any
 
-from deployments.models.base import ChunkFactory, Engine, EngineOutput, collect_stream, resolve_model_path
+from deployments.models.base import ChunkFactory, Engine, EngineOutput, resolve_model_path, stream_or_collect
 from serve_app.config import ModelConfig, VLLMEngineParams
 from serve_app.errors import InvalidRequestError, RaygateError, ServiceUnavailableError, UpstreamUnavailableError
 from serve_app.protocol import ChatCompletionRequest, ChatCompletionStreamResponse, FinishReason, UsageInfo
@@ -109,16 +109,9 @@ class VLLMEngine(Engine):
         with contextlib.suppress(Exception):
             self.shutdown()
 
-    async def chat(self, request: ChatCompletionRequest) -> AsyncIterator[EngineOutput]:
+    def chat(self, request: ChatCompletionRequest) -> AsyncIterator[EngineOutput]:
         """Answer one chat request; see ``Engine.chat`` for the contract."""
-        # aclosing: a consumer's aclose() must reach _stream (``async for`` does not
-        # forward it), or the vLLM request runs on until it is garbage-collected.
-        async with contextlib.aclosing(self._stream(request)) as chunks:
-            if request.stream:
-                async for chunk in chunks:
-                    yield chunk
-            else:
-                yield await collect_stream(chunks, self.config.name)
+        return stream_or_collect(request, self._stream(request), self.config.name)
 
     def _build(self) -> None:
         """Create ``AsyncLLM`` from the params (runs in a worker thread).

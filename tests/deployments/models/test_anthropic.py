@@ -27,6 +27,7 @@ from serve_app.protocol import (
     ChatMessage,
     UsageInfo,
 )
+from tests.deployments.models.contract import check_stream, run
 from tests.fake_upstream import PHRASE, FakeUpstream
 
 WORDS = 8
@@ -79,27 +80,11 @@ def make_request(stream: bool, messages: list[dict[str, Any]] | None = None, **f
     )
 
 
-async def run(engine: AnthropicEngine, request: ChatCompletionRequest) -> list[Any]:
-    return [output async for output in engine.chat(request)]
-
-
-def check_stream(chunks: list[Any]) -> tuple[str, ChatCompletionStreamResponse]:
-    """Assert the Engine.chat stream contract; return the text and the last chunk."""
-    assert chunks and all(isinstance(c, ChatCompletionStreamResponse) for c in chunks)
-    assert chunks[0].choices[0].delta.role == "assistant"
-    assert all(c.choices[0].delta.role is None for c in chunks[1:])
-    assert len({c.id for c in chunks}) == 1 and all(c.model == "claude-test" for c in chunks)
-    assert all(c.usage is None and c.choices[0].finish_reason is None for c in chunks[:-1])
-    last = chunks[-1]
-    assert last.usage is not None and last.choices[0].finish_reason is not None
-    return "".join(c.choices[0].delta.content or "" for c in chunks), last
-
-
 async def answer(engine: AnthropicEngine, request: ChatCompletionRequest) -> tuple[str, str | None, UsageInfo]:
     """Run a request in its mode; return the text, finish_reason and usage."""
     outputs = await run(engine, request)
     if request.stream:
-        text, last = check_stream(outputs)
+        text, last = _check_stream(outputs)
         assert last.usage is not None
         return text, last.choices[0].finish_reason, last.usage
     [response] = outputs
@@ -121,6 +106,10 @@ async def test_answer_usage_and_request_shape(engine: AnthropicEngine, upstream:
     assert body["max_tokens"] == engine.config.default_max_tokens  # Anthropic requires it
     assert body.get("stream", False) is stream
     assert not {"stop_sequences", "temperature", "top_p", "metadata"} & set(body)
+
+
+def _check_stream(chunks: list[Any]) -> tuple[str, ChatCompletionStreamResponse]:
+    return check_stream(chunks, "claude-test")
 
 
 async def test_multi_turn_is_merged_into_alternating_turns(engine: AnthropicEngine, upstream: FakeUpstream) -> None:
@@ -274,7 +263,7 @@ async def test_rate_limit_keeps_retry_after(engine: AnthropicEngine, upstream: F
     with pytest.raises(UpstreamUnavailableError) as info:
         await run(engine, make_request(stream))
     assert (info.value.code, info.value.status_code, info.value.headers) == ("upstream_rate_limited", 503,
-                                                                             {"Retry-After": "7"})
+                                                                             {"retry-after": "7"})
 
 
 async def test_rate_limit_without_retry_after(engine: AnthropicEngine, upstream: FakeUpstream) -> None:

@@ -9,6 +9,8 @@ from typing import Any
 
 import pytest
 
+from deployments.models.base import Engine
+from tests.deployments.models.contract import complete, stream, text
 from deployments.models.hf import HFEngine
 from deployments.models.server import ModelServer
 from serve_app.config import ModelConfig
@@ -35,20 +37,12 @@ async def engine(tiny_model_path: Path) -> HFEngine:
     return engine
 
 
-async def _complete(engine: HFEngine, **fields: Any) -> ChatCompletionResponse:
-    outputs = [out async for out in engine.chat(_request(stream=False, **fields))]
-    assert len(outputs) == 1 and isinstance(outputs[0], ChatCompletionResponse)
-    return outputs[0]
+async def _complete(engine: Engine, **fields: Any) -> ChatCompletionResponse:
+    return await complete(engine, _request(**fields))
 
 
-async def _stream(engine: HFEngine, **fields: Any) -> list[ChatCompletionStreamResponse]:
-    chunks = [out async for out in engine.chat(_request(stream=True, **fields))]
-    assert all(isinstance(c, ChatCompletionStreamResponse) for c in chunks)
-    return chunks  # type: ignore[return-value]
-
-
-def _text(chunks: list[ChatCompletionStreamResponse]) -> str:
-    return "".join(c.choices[0].delta.content or "" for c in chunks)
+async def _stream(engine: Engine, **fields: Any) -> list[ChatCompletionStreamResponse]:
+    return await stream(engine, _request(**fields))
 
 
 async def test_answer_counts_prompt_tokens_like_the_tokenizer(engine: HFEngine, tiny_model_path: Path) -> None:
@@ -91,7 +85,7 @@ async def test_stream_contract_and_same_text_as_non_stream(engine: HFEngine) -> 
     assert len({c.id for c in chunks}) == 1
 
     response = await _complete(engine, temperature=0, max_tokens=24)
-    assert _text(chunks) == response.choices[0].message.content
+    assert text(chunks) == response.choices[0].message.content
     assert last.usage.prompt_tokens == response.usage.prompt_tokens
 
 
@@ -101,7 +95,7 @@ async def test_same_seed_same_text_when_sampling(engine: HFEngine) -> None:
     other = await _complete(engine, temperature=1, seed=8, max_tokens=20)
     streamed = await _stream(engine, temperature=1, seed=7, max_tokens=20)
     assert first.choices[0].message.content == again.choices[0].message.content
-    assert first.choices[0].message.content == _text(streamed)
+    assert first.choices[0].message.content == text(streamed)
     assert first.choices[0].message.content != other.choices[0].message.content
 
 
@@ -122,11 +116,11 @@ async def test_stop_sequence_truncates(engine: HFEngine, stream: bool) -> None:
     fields = {"temperature": 0, "max_tokens": 30, "stop": ["never-there", stop]}
     if stream:
         chunks = await _stream(engine, **fields)
-        text, finish, usage = _text(chunks), chunks[-1].choices[0].finish_reason, chunks[-1].usage
+        answer, finish, usage = text(chunks), chunks[-1].choices[0].finish_reason, chunks[-1].usage
     else:
         response = await _complete(engine, **fields)
-        text, finish, usage = response.choices[0].message.content, response.choices[0].finish_reason, response.usage
-    assert text == expected
+        answer, finish, usage = response.choices[0].message.content, response.choices[0].finish_reason, response.usage
+    assert answer == expected
     assert finish == "stop"
     assert usage is not None and 0 < usage.completion_tokens < 30
 
@@ -208,7 +202,7 @@ async def test_model_server_in_serve_local_testing_mode(tiny_model_config: Model
     assert all(isinstance(c, ChatCompletionStreamResponse) for c in chunks)
     assert chunks[0].choices[0].delta.role == "assistant"
     assert chunks[-1].usage is not None and chunks[-1].usage.completion_tokens == 6
-    assert _text(chunks) == response.choices[0].message.content
+    assert text(chunks) == response.choices[0].message.content
 
     too_long = _request(messages=[{"role": "user", "content": "word " * 2100}])
     error = await handle.complete.remote(too_long)

