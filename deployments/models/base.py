@@ -5,11 +5,14 @@ from __future__ import annotations
 import abc
 import contextlib
 import importlib
+import logging
 import time
 from collections.abc import AsyncGenerator, AsyncIterator
 from pathlib import Path
+from typing import Any
 
 from serve_app.config import ModelConfig
+from serve_app.errors import InvalidRequestError
 from serve_app.protocol import (
     AssistantMessage,
     ChatCompletionChoice,
@@ -22,6 +25,8 @@ from serve_app.protocol import (
     UsageInfo,
     new_id,
 )
+
+logger = logging.getLogger(__name__)
 
 EngineOutput = ChatCompletionResponse | ChatCompletionStreamResponse
 
@@ -156,6 +161,32 @@ async def collect_stream(
         choices=[ChatCompletionChoice(message=message, finish_reason=finish_reason)],
         usage=usage,
     )
+
+
+def encode_chat(tokenizer: Any, request: ChatCompletionRequest, max_len_tokens: int, model: str) -> list[int]:
+    """Render a local model's chat template and tokenize it, as vLLM's server does (no extra special tokens).
+
+    Raises:
+        InvalidRequestError: the template rejects the messages, or the prompt leaves no room
+            in the context window (``code`` ``context_length_exceeded``: the dispatcher's
+            cue for ``context_fallback``).
+    """
+    messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in request.messages]
+    try:
+        prompt = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    except Exception as exc:
+        logger.info("Chat template of model %s failed: %s", model, type(exc).__name__)
+        raise InvalidRequestError(
+            "The messages cannot be formatted with this model's chat template.", param="messages"
+        ) from exc
+    ids: list[int] = tokenizer.encode(prompt, add_special_tokens=False)
+    if len(ids) >= max_len_tokens:
+        raise InvalidRequestError(
+            f"This model's maximum context length is {max_len_tokens} tokens, but the messages "
+            f"use {len(ids)} tokens. Please shorten the messages.",
+            param="messages", code="context_length_exceeded",
+        )
+    return ids
 
 
 def truncate_at_stop(text: str, stops: list[str]) -> tuple[str, bool]:

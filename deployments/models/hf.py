@@ -17,10 +17,11 @@ from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from deployments.models.base import ChunkFactory, Engine, EngineOutput, resolve_model_path, stream_or_collect
+from deployments.models.base import ChunkFactory, Engine, EngineOutput, encode_chat, resolve_model_path
+from deployments.models.base import stream_or_collect
 from deployments.models.base import truncate_at_stop
 from serve_app.config import HFEngineParams, ModelConfig
-from serve_app.errors import InvalidRequestError, RaygateError, ServiceUnavailableError, UpstreamUnavailableError
+from serve_app.errors import RaygateError, ServiceUnavailableError, UpstreamUnavailableError
 from serve_app.protocol import ChatCompletionRequest, ChatCompletionStreamResponse, FinishReason, UsageInfo
 
 if TYPE_CHECKING:
@@ -104,26 +105,7 @@ class HFEngine(Engine):
         )
 
     def _encode(self, request: ChatCompletionRequest) -> list[int]:
-        """Render the chat template and tokenize it, as vLLM does (no extra special tokens)."""
-        messages = [
-            {"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in request.messages
-        ]
-        try:
-            prompt = self._tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-        except Exception as exc:
-            logger.info("Chat template of model %s failed: %s", self.config.name, type(exc).__name__)
-            raise InvalidRequestError(
-                "The messages cannot be formatted with this model's chat template.", param="messages"
-            ) from exc
-        ids: list[int] = self._tokenizer(prompt, add_special_tokens=False)["input_ids"]
-        if len(ids) >= self.max_len_tokens:
-            raise InvalidRequestError(
-                f"This model's maximum context length is {self.max_len_tokens} tokens, but the messages "
-                f"use {len(ids)} tokens. Please shorten the messages.",
-                param="messages",
-                code="context_length_exceeded",
-            )
-        return ids
+        return encode_chat(self._tokenizer, request, self.max_len_tokens, self.config.name)
 
     def _new_decoding(self, request: ChatCompletionRequest, prompt_ids: list[int]) -> _Decoding:
         import torch

@@ -25,7 +25,8 @@ import time
 from collections.abc import AsyncIterator, Iterator
 from typing import TYPE_CHECKING, Any
 
-from deployments.models.base import ChunkFactory, Engine, EngineOutput, resolve_model_path, stream_or_collect
+from deployments.models.base import ChunkFactory, Engine, EngineOutput, encode_chat, resolve_model_path
+from deployments.models.base import stream_or_collect
 from serve_app.config import ModelConfig, VLLMEngineParams
 from serve_app.errors import InvalidRequestError, RaygateError, ServiceUnavailableError, UpstreamUnavailableError
 from serve_app.protocol import ChatCompletionRequest, ChatCompletionStreamResponse, FinishReason, UsageInfo
@@ -141,26 +142,7 @@ class VLLMEngine(Engine):
         self._engine = AsyncLLM.from_engine_args(args)
 
     def _encode(self, request: ChatCompletionRequest) -> list[int]:
-        """Render the chat template and tokenize it without extra special tokens, as vLLM's server does."""
-        messages = [
-            {"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in request.messages
-        ]
-        try:
-            prompt = self._tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-        except Exception as exc:
-            logger.info("Chat template of model %s failed: %s", self.config.name, type(exc).__name__)
-            raise InvalidRequestError(
-                "The messages cannot be formatted with this model's chat template.", param="messages"
-            ) from exc
-        ids: list[int] = self._tokenizer.encode(prompt, add_special_tokens=False)
-        if len(ids) >= self.max_len_tokens:
-            raise InvalidRequestError(
-                f"This model's maximum context length is {self.max_len_tokens} tokens, but the messages "
-                f"use {len(ids)} tokens. Please shorten the messages.",
-                param="messages",
-                code="context_length_exceeded",
-            )
-        return ids
+        return encode_chat(self._tokenizer, request, self.max_len_tokens, self.config.name)
 
     def _sampling_params(self, request: ChatCompletionRequest, prompt_len: int) -> SamplingParams:
         from vllm import SamplingParams
