@@ -70,7 +70,7 @@ from serve_app.streaming import sse_events
 logger = logging.getLogger(__name__)
 
 ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
-    status: {"model": ErrorResponse} for status in (400, 401, 404, 413, 429, 500, 503)
+    status: {"model": ErrorResponse} for status in (400, 401, 403, 404, 413, 429, 500, 503)
 }
 
 app = FastAPI(title="raygate", version=__version__, responses=ERROR_RESPONSES)
