@@ -28,7 +28,8 @@ from serve_app.protocol import (
     UsageInfo,
 )
 from tests.deployments.models.contract import check_stream, run
-from tests.fake_upstream import PHRASE, FakeUpstream
+from tests.fake_common import PHRASE
+from tests.fake_upstream import FakeUpstream
 
 WORDS = 8
 UPSTREAM_MODEL = "claude-test-model"

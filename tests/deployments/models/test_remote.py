@@ -21,7 +21,8 @@ from serve_app.errors import (
 )
 from serve_app.protocol import ChatCompletionRequest, ChatCompletionResponse, ChatCompletionStreamResponse
 from tests.deployments.models.contract import check_stream, run
-from tests.fake_upstream import PHRASE, FakeUpstream
+from tests.fake_common import PHRASE
+from tests.fake_upstream import FakeUpstream
 
 WORDS = 8
 KEY_ENV = "RAYGATE_TEST_REMOTE_KEY"

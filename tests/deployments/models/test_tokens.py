@@ -21,7 +21,8 @@ from deployments.models.tokens import (
 )
 from serve_app.config import ModelConfig
 from serve_app.protocol import ChatCompletionRequest, ChatCompletionResponse, ChatCompletionStreamResponse, ChatMessage
-from tests.fake_upstream import PHRASE, FakeUpstream
+from tests.fake_common import PHRASE
+from tests.fake_upstream import FakeUpstream
 
 # OpenAI cookbook, "How to count tokens with tiktoken": these messages are 129 prompt
 # tokens for gpt-3.5-turbo and gpt-4 (cl100k_base) and 124 for gpt-4o (o200k_base).
