@@ -14,6 +14,8 @@ import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
+from typing import Literal
+
 from pydantic import BaseModel, Field
 
 from deployments import reports
@@ -34,6 +36,17 @@ class AttemptRecord(BaseModel):
     completion_tokens: int = 0
     cost_usd: float = 0.0
     usage_estimated: bool = False
+
+
+class FeedbackRecord(BaseModel):
+    """A user's verdict on one answer (used by experiments and the training dataset builder)."""
+
+    request_id: str
+    key_id: str
+    rating: int | None = Field(None, ge=1, le=5)
+    thumbs: Literal["up", "down"] | None = None
+    comment: str | None = None
+    created_at: float = Field(default_factory=time.time)
 
 
 class RequestRecord(BaseModel):
@@ -80,6 +93,10 @@ CREATE TABLE IF NOT EXISTS attempts (
     request_id TEXT NOT NULL, number INTEGER NOT NULL, model TEXT NOT NULL, status INTEGER NOT NULL,
     error_code TEXT, latency_ms REAL NOT NULL, prompt_tokens INTEGER NOT NULL, completion_tokens INTEGER NOT NULL,
     cost_usd REAL NOT NULL, usage_estimated INTEGER NOT NULL, PRIMARY KEY (request_id, number)
+);
+CREATE TABLE IF NOT EXISTS feedback (
+    request_id TEXT PRIMARY KEY, key_id TEXT NOT NULL, rating INTEGER, thumbs TEXT, comment TEXT,
+    created_at REAL NOT NULL
 );
 """
 
@@ -133,6 +150,15 @@ class Ledger:
             await asyncio.to_thread(self._write, values, attempts)
         return len(values)
 
+    async def record_feedback(self, feedback: FeedbackRecord) -> bool:
+        """Store feedback on a request made by the same key; a second verdict replaces the first.
+
+        Returns:
+            False when no request with that id was made by that key (nothing is stored).
+        """
+        async with self._lock:
+            return await asyncio.to_thread(self._write_feedback, feedback)
+
     async def list_attempts(self, request_id: str) -> list[AttemptRecord]:
         """Return the calls made for one request, in order."""
         sql = f"SELECT {', '.join(_ATTEMPT_COLUMNS)} FROM attempts WHERE request_id = ? ORDER BY number"
@@ -160,6 +186,25 @@ class Ledger:
             self.db.execute("BEGIN")
             self.db.executemany(_INSERT_REQUEST, requests)
             self.db.executemany(_INSERT_ATTEMPT, attempts)
+
+    def _write_feedback(self, feedback: FeedbackRecord) -> bool:
+        owner = self.db.execute("SELECT key_id FROM requests WHERE id = ?", [feedback.request_id]).fetchone()
+        if owner is None or owner[0] != feedback.key_id:
+            return False
+        columns = list(FeedbackRecord.model_fields)
+        with self.db:
+            self.db.execute("BEGIN")
+            self.db.execute(f"INSERT OR REPLACE INTO feedback ({', '.join(columns)}) VALUES ({', '.join('?' * len(columns))})",
+                            [getattr(feedback, c) for c in columns])
+        return True
+
+    async def get_feedback(self, request_id: str) -> FeedbackRecord | None:
+        """Return the feedback on a request, if any."""
+        columns = list(FeedbackRecord.model_fields)
+        async with self._lock:
+            rows = await asyncio.to_thread(
+                self._read, f"SELECT {', '.join(columns)} FROM feedback WHERE request_id = ?", [request_id])
+        return FeedbackRecord(**dict(zip(columns, rows[0]))) if rows else None
 
     def _read(self, sql: str, params: list[object]) -> list[tuple[object, ...]]:
         return self.db.execute(sql, params).fetchall()

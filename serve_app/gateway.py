@@ -24,7 +24,7 @@ from ray.serve.handle import DeploymentHandle
 
 from deployments.cost_guard import CostGuard
 from deployments.cost_guard_protocol import UsageReport
-from deployments.ledger import AttemptRecord, LedgerBuffer, RequestRecord
+from deployments.ledger import AttemptRecord, FeedbackRecord, LedgerBuffer, RequestRecord
 from serve_app import __version__
 from serve_app.admin import router as admin_router
 from serve_app.cost_admin import router as cost_admin_router
@@ -44,6 +44,7 @@ from serve_app.errors import (
     ErrorResponse,
     InvalidRequestError,
     ModelNotFoundError,
+    NotFoundError,
     RaygateError,
     UpstreamUnavailableError,
 )
@@ -59,6 +60,7 @@ from serve_app.protocol import (
     EmbeddingRequest,
     EmbeddingResponse,
     EmbeddingUsage,
+    FeedbackRequest,
     ModelCard,
     ModelList,
     UsageInfo,
@@ -204,6 +206,16 @@ class Gateway:
         """The calling key's usage today and its remaining plan quota."""
         report: UsageReport = await self.spend.cost_guard("usage", key.tenant, key.user, key.plan)
         return report
+
+    @app.post("/v1/feedback")
+    async def feedback(self, body: FeedbackRequest, key: APIKey = Depends(authenticate)) -> dict[str, Any]:
+        """Rate an answer (1-5 and/or thumbs, with a comment). Only the key that asked may rate it."""
+        await self.ledger_buffer.flush()  # the request's own row may still be buffered here
+        record = FeedbackRecord(request_id=body.request_id, key_id=key.key_id, rating=body.rating,
+                                thumbs=body.thumbs, comment=body.comment)
+        if not await call(self.ledger.record_feedback.remote(record), LEDGER_CALL_TIMEOUT_S, "Ledger"):
+            raise NotFoundError("No request with this id was made with this API key.", param="request_id")
+        return {"object": "feedback", **record.model_dump(exclude={"key_id"})}
 
     @app.get("/v1/models", response_model=ModelList)
     async def list_models(self, key: APIKey = Depends(authenticate)) -> ModelList:

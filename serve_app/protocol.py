@@ -211,3 +211,21 @@ class EmbeddingResponse(BaseModel):
     data: list[EmbeddingData]
     model: str
     usage: EmbeddingUsage
+
+
+# --- raygate extensions -------------------------------------------------------------
+
+
+class FeedbackRequest(OpenAIBaseModel):
+    """``POST /v1/feedback``: a verdict on one answer, by the key that asked for it."""
+
+    request_id: str = Field(min_length=1, max_length=128, description="The answer's x-request-id.")
+    rating: int | None = Field(None, ge=1, le=5)
+    thumbs: Literal["up", "down"] | None = None
+    comment: str | None = Field(None, max_length=2000)
+
+    @model_validator(mode="after")
+    def _needs_a_verdict(self) -> "FeedbackRequest":
+        if self.rating is None and self.thumbs is None:
+            raise ValueError("give a rating (1-5) or thumbs (up/down)")
+        return self

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 from ray import serve
 
-from deployments.ledger import Ledger, LedgerBuffer, RequestRecord
+from deployments.ledger import FeedbackRecord, Ledger, LedgerBuffer, RequestRecord
 from serve_app.config import LedgerConfig
 
 
@@ -83,3 +83,15 @@ async def test_buffer_keeps_rows_when_the_ledger_is_down() -> None:
 def test_record_fields_round_trip(status: int, code: str | None) -> None:
     record = RequestRecord(id="x", tenant="t", user="u", key_id="k", requested_model="m", status=status, error_code=code)
     assert RequestRecord.model_validate(record.model_dump()) == record
+
+
+async def test_feedback_only_from_the_key_that_asked(tmp_path: Path) -> None:
+    ledger = Ledger(LedgerConfig(), str(tmp_path))
+    await ledger.record([row(1)])  # made with key "k"
+    assert await ledger.record_feedback(FeedbackRecord(request_id="r1", key_id="other", rating=5)) is False
+    assert await ledger.get_feedback("r1") is None
+    assert await ledger.record_feedback(FeedbackRecord(request_id="r1", key_id="k", rating=2, comment="meh")) is True
+    assert await ledger.record_feedback(FeedbackRecord(request_id="r1", key_id="k", thumbs="up")) is True
+    stored = await ledger.get_feedback("r1")
+    assert stored is not None and (stored.rating, stored.thumbs) == (None, "up")  # the latest verdict wins
+    assert await ledger.record_feedback(FeedbackRecord(request_id="nope", key_id="k", rating=1)) is False

@@ -8,7 +8,7 @@ import httpx
 import openai
 import pytest
 
-from tests.integration.conftest import UPSTREAM_KEY, Deployed
+from tests.integration.conftest import UPSTREAM_KEY, Deployed, create_key
 
 pytestmark = pytest.mark.integration
 
@@ -235,3 +235,18 @@ def test_anthropic_upstream_through_the_openai_sdk(deployed: Deployed) -> None:
                                             stream_options={"include_usage": True}))
     text = "".join(ch.choices[0].delta.content or "" for ch in chunks if ch.choices)
     assert text and chunks[-1].usage is not None and chunks[-1].usage.prompt_tokens > 0
+
+
+def test_feedback_by_the_owning_key_only(deployed: Deployed) -> None:
+    raw = client(deployed).chat.completions.with_raw_response.create(model="echo", messages=MESSAGES)
+    request_id = raw.headers["x-request-id"]
+    url = f"{deployed.base_url}/v1/feedback"
+    mine = httpx.post(url, json={"request_id": request_id, "rating": 4, "comment": "useful"},
+                      headers={"Authorization": f"Bearer {deployed.api_key}"})
+    assert mine.status_code == 200 and mine.json()["rating"] == 4
+    other = create_key(deployed.redis_url, "acme", "mallory", "free")
+    theirs = httpx.post(url, json={"request_id": request_id, "thumbs": "down"},
+                        headers={"Authorization": f"Bearer {other}"})
+    assert theirs.status_code == 404 and theirs.json()["error"]["param"] == "request_id"
+    empty = httpx.post(url, json={"request_id": request_id}, headers={"Authorization": f"Bearer {deployed.api_key}"})
+    assert empty.status_code == 400
