@@ -149,6 +149,9 @@ class GatewaySettings(BaseConfig):
         "The AI service is temporarily unavailable. Please try again in a moment.",
         description="What clients read when no model could answer.",
     )
+    cors_allow_origins: list[str] = Field(
+        default_factory=list, description="Browser origins allowed to call the API; empty keeps CORS closed."
+    )
     unavailable_messages: dict[str, str] = Field(
         default_factory=dict, description="The same per language (Accept-Language primary tag, e.g. fr)."
     )

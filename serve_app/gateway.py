@@ -50,7 +50,7 @@ from serve_app.errors import (
 )
 from serve_app.dispatch import Answer, Attempt, Dispatcher
 from serve_app.handles import call, next_item
-from serve_app.middleware import RequestContextMiddleware, install_error_handlers
+from serve_app.middleware import RequestContextMiddleware, install_cors, install_error_handlers
 from serve_app.placement import Placed
 from serve_app.protocol import (
     ChatCompletionRequest,
@@ -158,6 +158,7 @@ class Gateway:
         )
         app.state.gateway = self
         app.state.max_body_bytes = config.gateway.max_body_bytes
+        install_cors(app, config.gateway.cors_allow_origins)
 
     @app.post("/v1/chat/completions", response_model=ChatCompletionResponse)
     async def chat_completions(

@@ -13,6 +13,7 @@ from collections.abc import Callable
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
+from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -24,6 +25,11 @@ from serve_app.errors import render_error_body
 logger = logging.getLogger(__name__)
 
 MAX_REQUEST_ID_CHARS = 128
+# On every answer: no MIME sniffing, never framed, no referrer leaking URLs (keys never go in URLs).
+SECURITY_HEADERS = [(b"x-content-type-options", b"nosniff"), (b"x-frame-options", b"DENY"),
+                    (b"referrer-policy", b"no-referrer")]
+CORS_METHODS = ["GET", "POST", "PUT", "DELETE", "OPTIONS"]
+CORS_HEADERS = ["authorization", "content-type", "x-raygate-tag", "x-request-id", "cache-control"]
 
 
 def error_response(error: RaygateError) -> Response:
@@ -59,10 +65,10 @@ class RequestContextMiddleware:
         given = headers.get(REQUEST_ID_HEADER, "")[:MAX_REQUEST_ID_CHARS]
         request_id = given or f"req-{uuid.uuid4().hex}"
         scope.setdefault("state", {})["request_id"] = request_id
-        extra_headers = [] if given else [(REQUEST_ID_HEADER.encode(), request_id.encode())]
+        extra_headers = [*SECURITY_HEADERS, *([] if given else [(REQUEST_ID_HEADER.encode(), request_id.encode())])]
 
         async def send_with_id(message: Message) -> None:
-            if message["type"] == "http.response.start" and extra_headers:
+            if message["type"] == "http.response.start":
                 message["headers"] = [*message.get("headers", []), *extra_headers]
             await send(message)
 
@@ -105,6 +111,17 @@ def _validation_error(exc: RequestValidationError) -> InvalidRequestError:
         return InvalidRequestError("We could not parse the JSON body of your request.")
     message = str(first.get("msg", "invalid value"))
     return InvalidRequestError(f"Invalid value for '{param}': {message}" if param else message, param=param)
+
+
+def install_cors(app: FastAPI, origins: list[str]) -> None:
+    """Allow browsers on ``origins`` to call the API. No origins (the default): no CORS at all.
+
+    Must run before the app serves its first request (Starlette builds its stack then).
+    """
+    if origins:
+        app.add_middleware(CORSMiddleware, allow_origins=origins, allow_methods=CORS_METHODS,
+                           allow_headers=CORS_HEADERS, expose_headers=["x-request-id", "x-raygate-model"],
+                           allow_credentials=False)
 
 
 def install_error_handlers(app: FastAPI) -> None:

@@ -250,3 +250,11 @@ def test_feedback_by_the_owning_key_only(deployed: Deployed) -> None:
     assert theirs.status_code == 404 and theirs.json()["error"]["param"] == "request_id"
     empty = httpx.post(url, json={"request_id": request_id}, headers={"Authorization": f"Bearer {deployed.api_key}"})
     assert empty.status_code == 400
+
+
+def test_cors_closed_by_default_and_security_headers(deployed: Deployed) -> None:
+    preflight = httpx.options(f"{deployed.base_url}/v1/chat/completions",
+                              headers={"origin": "https://elsewhere.example", "access-control-request-method": "POST"})
+    assert "access-control-allow-origin" not in preflight.headers
+    response = httpx.get(f"{deployed.base_url}/v1/models", headers={"Authorization": f"Bearer {deployed.api_key}"})
+    assert response.headers["x-content-type-options"] == "nosniff"

@@ -10,7 +10,7 @@ from fastapi.testclient import TestClient
 from pydantic import BaseModel
 
 from serve_app.errors import QuotaExceededError, RaygateError, UpstreamTimeoutError, error_for_status
-from serve_app.middleware import RequestContextMiddleware, install_error_handlers
+from serve_app.middleware import RequestContextMiddleware, install_cors, install_error_handlers
 
 
 class Body(BaseModel):
@@ -102,3 +102,27 @@ def test_errors_survive_pickling_with_their_fields() -> None:
 def test_error_for_status(status: int, code: str) -> None:
     error = error_for_status(status, "m")
     assert isinstance(error, RaygateError) and error.status_code == status and error.code == code
+
+
+def test_security_headers_on_every_answer() -> None:
+    client = make_app()
+    for response in (client.post("/echo", json={"name": "a", "count": 1}), client.get("/nope")):
+        assert response.headers["x-content-type-options"] == "nosniff"
+        assert response.headers["x-frame-options"] == "DENY"
+
+
+def test_cors_is_closed_unless_origins_are_configured() -> None:
+    preflight = {"origin": "https://app.example", "access-control-request-method": "POST"}
+    closed = make_app().options("/echo", headers=preflight)
+    assert "access-control-allow-origin" not in closed.headers
+    app = FastAPI()
+    install_cors(app, ["https://app.example"])
+
+    @app.post("/echo")
+    async def echo() -> dict[str, str]:
+        return {}
+
+    opened = TestClient(app).options("/echo", headers=preflight)
+    assert opened.headers["access-control-allow-origin"] == "https://app.example"
+    other = TestClient(app).options("/echo", headers={**preflight, "origin": "https://evil.example"})
+    assert "access-control-allow-origin" not in other.headers
