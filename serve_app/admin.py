@@ -7,9 +7,10 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from fastapi import APIRouter, Depends, Query
 from fastapi.responses import Response
-from pydantic import BaseModel
+from pydantic import BaseModel, Field
 
 from deployments import reports
+from deployments.guard_protocol import Block
 from deployments.ledger import AttemptRecord, RequestRecord
 from serve_app.alerts import Alert
 from serve_app.auth import APIKey, Plan
@@ -23,6 +24,14 @@ if TYPE_CHECKING:
 router = APIRouter(prefix="/admin", dependencies=[Depends(require_admin)])
 
 DEFAULT_REPORT_DAYS = 30
+# SQLite's INTEGER is a signed 64-bit value; a larger LIMIT/OFFSET would fail in the Ledger, not here.
+MAX_SQLITE_INT = 2**63 - 1
+
+
+class BlockRequest(BaseModel):
+    key_id: str = Field(min_length=1)
+    seconds: float = Field(gt=0, le=30 * 86_400)
+    reason: str = Field("blocked by an admin", max_length=200)
 
 
 class KeyCreateRequest(BaseModel):
@@ -40,8 +49,8 @@ async def _ledger(gateway: "Gateway", method: str, *args: Any, **kwargs: Any) ->
 
 @router.get("/requests", response_model=list[RequestRecord])
 async def list_requests(
-    limit: int = Query(100, ge=1, le=1000), offset: int = Query(0, ge=0), tenant: str | None = None,
-    gateway: "Gateway" = Depends(get_gateway),
+    limit: int = Query(100, ge=1, le=1000), offset: int = Query(0, ge=0, le=MAX_SQLITE_INT),
+    tenant: str | None = None, gateway: "Gateway" = Depends(get_gateway),
 ) -> list[RequestRecord]:
     """The ledger's request rows, newest first."""
     rows: list[RequestRecord] = await _ledger(gateway, "list_requests", limit=limit, offset=offset, tenant=tenant)
@@ -131,3 +140,24 @@ async def recommendations(
 async def alerts(limit: int = Query(50, ge=1, le=1000), gateway: "Gateway" = Depends(get_gateway)) -> list[Alert]:
     """Budget alerts, newest first, with their webhook delivery state."""
     return await gateway.alerter.store.list(limit)
+
+
+@router.get("/blocks", response_model=list[Block])
+async def list_blocks(gateway: "Gateway" = Depends(get_gateway)) -> list[Block]:
+    """Keys blocked now (floods, anomalies, admins), soonest to end first."""
+    blocks: list[Block] = await gateway.guard("list_blocks")
+    return blocks
+
+
+@router.post("/blocks", response_model=Block)
+async def block_key(body: BlockRequest, gateway: "Gateway" = Depends(get_gateway)) -> Block:
+    """Block a key for a while (every gateway replica refuses it at once)."""
+    block: Block = await gateway.guard("block", body.key_id, body.seconds, body.reason)
+    return block
+
+
+@router.delete("/blocks/{key_id}", response_model=Block)
+async def lift_block(key_id: str, gateway: "Gateway" = Depends(get_gateway)) -> Block:
+    """Lift a key's block (404 when it is not blocked)."""
+    block: Block = await gateway.guard("lift_block", key_id)
+    return block

@@ -15,6 +15,7 @@ from pydantic import Field, NonNegativeFloat, PositiveFloat, PositiveInt, field_
 from serve_app.alerts import AlertsConfig
 from serve_app.config_base import BaseConfig
 from serve_app.cost_config import CostGuardConfig
+from serve_app.guard_config import GuardConfig
 
 __all__ = ["BaseConfig", "GatewayConfig", "ModelConfig"]
 
@@ -179,6 +180,7 @@ class PlacementConfig(BaseConfig):
     """Where each component runs: in every Gateway replica (no hop) or as its own deployment."""
 
     cost_guard: Placement = Field("embedded", description="Reserve/settle only needs Redis: embedded by default.")
+    guard: Placement = Field("embedded", description="Rate limits only need Redis: embedded by default.")
 
 
 class GatewayConfig(BaseConfig):
@@ -191,6 +193,7 @@ class GatewayConfig(BaseConfig):
     ledger: LedgerConfig = Field(default_factory=LedgerConfig)
     cost_guard: CostGuardConfig = Field(default_factory=CostGuardConfig)
     alerts: AlertsConfig = Field(default_factory=AlertsConfig)
+    guard: GuardConfig = Field(default_factory=GuardConfig)
     placement: PlacementConfig = Field(default_factory=PlacementConfig)
 
     @model_validator(mode="after")

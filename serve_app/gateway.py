@@ -24,6 +24,8 @@ from ray.serve.handle import DeploymentHandle
 
 from deployments.cost_guard import CostGuard
 from deployments.cost_guard_protocol import UsageReport
+from deployments.guard import Guard, check_request_size
+from deployments.guard_protocol import GuardDecision
 from deployments.ledger import AttemptRecord, FeedbackRecord, LedgerBuffer, RequestRecord
 from serve_app import __version__
 from serve_app.admin import router as admin_router
@@ -65,7 +67,7 @@ from serve_app.protocol import (
     ModelList,
     UsageInfo,
 )
-from serve_app.spend import TAG_HEADER, Spend, capped_request, parse_tags
+from serve_app.spend import TAG_HEADER, Spend, capped_request, estimate_prompt_tokens, parse_tags
 from serve_app.stores import redis_client
 from serve_app.streaming import sse_events
 
@@ -129,6 +131,7 @@ class Gateway:
         embedder: the Embedder's handle.
         ledger: the Ledger's handle.
         cost_guard: CostGuard's handle when it is placed as a deployment; None embeds it here.
+        guard: the Guard's handle when it is placed as a deployment; None embeds it here.
     """
 
     def __init__(
@@ -139,16 +142,18 @@ class Gateway:
         embedder: DeploymentHandle,
         ledger: DeploymentHandle,
         cost_guard: DeploymentHandle | None = None,
+        guard: DeploymentHandle | None = None,
     ) -> None:
         self.config = config
         redis = redis_client(redis_url)
         self.keys = KeyStore(redis, os.environ.get(config.gateway.admin_key_env) or None)
         self.models = models
         self.dispatcher = Dispatcher(config, models, CircuitBreakers(redis))
-        guard = cost_guard or CostGuard(config.cost_guard, redis_url, config.prices())
-        placed = Placed("CostGuard", guard, remote=cost_guard is not None)
+        costs = cost_guard or CostGuard(config.cost_guard, redis_url, config.prices())
+        placed = Placed("CostGuard", costs, remote=cost_guard is not None)
         self.alerter = Alerter(config.alerts, redis, budget_status=lambda: placed("budget_status"))
         self.spend = Spend(placed, on_crossings=self.alerter.notify)
+        self.guard = Placed("Guard", guard or Guard(config.guard, redis_url), remote=guard is not None)
         self.embedder = embedder
         self.ledger = ledger
         self.ledger_buffer = LedgerBuffer(
@@ -173,7 +178,12 @@ class Gateway:
             requested_model=body.model, stream=body.stream, tags=",".join(tags) or None,
         )
         attempts: list[Attempt] = []
+        estimated_tokens = estimate_prompt_tokens(body) + body.max_output_tokens(model.default_max_tokens)
         try:
+            check_request_size(self.config.guard, body)
+            limits: GuardDecision = await self.guard("check", key, estimated_tokens)
+            if (denied := limits.to_error()) is not None:
+                raise denied
             decision = await self.spend.reserve(record.id, key, body, model, tags)
         except RaygateError as exc:
             self._record(record, started, None, None, exc, attempts, reserved=False)
@@ -187,15 +197,17 @@ class Gateway:
             self._record(record, started, None, None, exc, attempts)
             exc.headers = {**exc.headers, "x-raygate-attempts": str(len(attempts))}
             raise
-        headers = _answer_headers(answer, started)
+        headers = {**_answer_headers(answer, started), **limits.headers()}
         if record.downgraded_from:
             headers["x-raygate-downgraded"] = f"{record.downgraded_from}->{model.name}"
         if answer.stream is None:
+            self._correct_tokens(key, answer.first.usage, estimated_tokens, limits)
             self._record(record, started, answer.model, answer.first.usage, None, attempts)
             return Response(orjson.dumps(answer.first.model_dump(mode="json")), media_type="application/json",
                             headers=headers)
 
         def on_end(usage: UsageInfo | None, error: RaygateError | None) -> None:
+            self._correct_tokens(key, usage, estimated_tokens, limits)
             self._record(record, started, answer.model, usage, error, attempts)
 
         events = sse_events(answer.first, lambda: self._rest(answer.stream, answer.model),
@@ -254,9 +266,15 @@ class Gateway:
         body = {"status": "ok" if healthy else "degraded", "components": status}
         return Response(orjson.dumps(body), status_code=200 if healthy else 503, media_type="application/json")
 
+    def _correct_tokens(self, key: APIKey, usage: UsageInfo | None, estimated: int, limits: GuardDecision) -> None:
+        """Replace the tokens-per-minute estimate with the real count, off the client's path."""
+        actual = usage.total_tokens if usage is not None else 0
+        self.spend.background.spawn(self.guard("record_tokens", key, actual, estimated, limits.checked_at))
+
     async def __del__(self) -> None:
         """Serve calls this when the replica stops: buffered ledger rows are not lost."""
         await self.spend.close()
+        await self.guard.close()
         await self.alerter.close()
         await self.ledger_buffer.close()
         await self.keys.redis.aclose()

@@ -12,6 +12,7 @@ from ray.serve.deployment import Deployment
 
 from deployments.cost_guard import CostGuard
 from deployments.embedder import Embedder
+from deployments.guard import Guard
 from deployments.ledger import Ledger
 from deployments.models.server import ModelServer
 from serve_app.config import GatewayConfig, ModelConfig, StoresConfig
@@ -64,6 +65,9 @@ def build_component_deployments(config: GatewayConfig, redis_url: str) -> dict[s
     if config.placement.cost_guard == "deployment":
         deployment = serve.deployment(CostGuard, name="CostGuard", **DEFAULT_COMPONENT_OPTIONS)
         components["cost_guard"] = deployment.bind(config.cost_guard, redis_url, config.prices())
+    if config.placement.guard == "deployment":
+        components["guard"] = serve.deployment(Guard, name="Guard", **DEFAULT_COMPONENT_OPTIONS).bind(
+            config.guard, redis_url)
     return components
 
 

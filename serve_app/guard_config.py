@@ -19,7 +19,9 @@ AnomalyAction = Literal["alert", "block"]
 class RateLimitConfig(BaseConfig):
     """One plan's per-key limits, counted over a sliding minute."""
 
-    requests_per_minute: PositiveInt | None = Field(None, description="Requests a key may make per minute; None is unlimited.")
+    requests_per_minute: PositiveInt | None = Field(
+        None, description="Requests a key may make per minute; None is unlimited."
+    )
     tokens_per_minute: PositiveInt | None = Field(
         None,
         description="Tokens (prompt estimate + max output tokens, corrected to real usage after the call) a key "
@@ -56,14 +58,16 @@ class FloodConfig(BaseConfig):
     Every attempt that is not already blocked counts (rate-limited ones too: hammering
     a 429 is the pattern this catches). A key's baseline is an exponentially weighted
     average of its attempts per ``window_s``; a window whose count reaches
-    ``min_requests`` and exceeds ``factor`` times the baseline blocks the key.
+    ``min_requests`` and exceeds ``factor`` times the baseline blocks the key. The
+    floor is raised to the plan's ``requests_per_minute`` + 1 where that is higher, so
+    a client that stays within its rate limit is never taken for a flood.
     """
 
     enabled: bool = Field(True, description="Count attempts and block floods.")
     window_s: PositiveInt = Field(10, description="Length of the short window a burst is counted in, in seconds.")
     factor: PositiveFloat = Field(10.0, description="A window's count over this multiple of the baseline is a flood.")
     min_requests: PositiveInt = Field(
-        50, description="Attempts in one window below which nothing is a flood (the floor for keys with no history)."
+        100, description="Attempts in one window below which nothing is a flood (the floor for keys with no history)."
     )
     baseline_half_life_s: PositiveFloat = Field(
         600.0, description="Half-life of the baseline average, in seconds: how fast a key's usual rate adapts."
@@ -86,14 +90,18 @@ class AnomalyConfig(BaseConfig):
     """
 
     enabled: bool = Field(True, description="Keep per-minute history long enough to score anomalies.")
-    history_minutes: int = Field(30, ge=2, le=1440, description="Minutes of history a key's last minute is compared to.")
+    history_minutes: int = Field(
+        30, ge=2, le=1440, description="Minutes of history a key's last minute is compared to."
+    )
     z_threshold: PositiveFloat = Field(4.0, description="z-scores at or above this are anomalies.")
     min_requests: PositiveInt = Field(30, description="A minute with fewer attempts is never an anomaly.")
     min_stddev: PositiveFloat = Field(
         1.0, description="Floor on the history's standard deviation, so a flat history gives a finite z-score."
     )
     action: AnomalyAction = Field("alert", description="alert: report only; block: also block the key for block_s.")
-    block_s: PositiveInt = Field(900, description="How long an anomalous key is blocked when action is block, in seconds.")
+    block_s: PositiveInt = Field(
+        900, description="How long an anomalous key is blocked when action is block, in seconds."
+    )
 
 
 class GuardConfig(BaseConfig):

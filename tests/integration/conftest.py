@@ -84,6 +84,9 @@ def ray_cluster() -> Iterator[int]:
     # Set here, not for the whole session: Serve's local testing mode (unit tests) mishandles
     # the flag's same-loop handles in Ray 2.60, while the cluster is meant to run with it.
     os.environ["RAY_SERVE_THROUGHPUT_OPTIMIZED"] = "1"
+    # That flag also buffers 1000 log records per replica before writing; tests that read the
+    # replicas' log files (test_redaction) need each record on disk when it is logged.
+    os.environ["RAY_SERVE_REQUEST_PATH_LOG_BUFFER_SIZE"] = "1"
     ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False)
     serve.start(http_options={"host": "127.0.0.1", "port": port}, logging_config={"enable_access_log": False})
     yield port
@@ -94,6 +97,7 @@ def ray_cluster() -> Iterator[int]:
 FAST_RETRY = {"max_attempts": 3, "initial_backoff_s": 0.05, "max_backoff_s": 0.2, "attempt_timeout_s": 1.0,
               "total_timeout_s": 6.0, "max_retry_after_s": 5.0}
 NO_CIRCUIT = {"enabled": False}
+NO_RATE_LIMITS = {"plans": {"free": {}, "premium": {}, "enterprise": {}}}
 UNAVAILABLE_FR = "Le service est momentanément indisponible."
 
 
@@ -132,6 +136,8 @@ def app_args(data_dir: Path, redis_url: str, upstream_url: str, flaky_url: str) 
             *flaky_models(flaky_url),
         ],
         "stores": {"redis_url": redis_url, "data_dir": str(data_dir)},
+        # The suite sends many requests with one key: no rate limits here (test_cost_guard_gateway tests them).
+        "guard": NO_RATE_LIMITS,
         "gateway": {"max_body_bytes": 65536, "ledger_flush_interval_s": 0.1,
                     "unavailable_messages": {"fr": UNAVAILABLE_FR}},
     }

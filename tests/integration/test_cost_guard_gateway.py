@@ -29,6 +29,7 @@ PER_REQUEST = estimate_prompt_tokens(ChatCompletionRequest.model_validate({"mode
     + MAX_TOKENS
 QUOTA_REQUESTS = 37  # the free plan's daily quota covers exactly this many requests
 ECHO_BUDGET_TOKENS = 3 * PER_REQUEST
+RPM = 7  # the enterprise plan's requests per minute in this app
 
 
 class WebhookReceiver:
@@ -63,7 +64,10 @@ def costs_args(upstream_url: str, data_dir: Path, redis_url: str, placement: str
         ],
         "stores": {"redis_url": redis_url, "data_dir": str(data_dir)},
         "gateway": {"ledger_flush_interval_s": 0.1},
-        "placement": {"cost_guard": placement},
+        "placement": {"cost_guard": placement, "guard": placement},
+        # 500 requests at once from a new key are a flood: off here, this app tests quotas and rpm.
+        "guard": {"plans": {"free": {}, "premium": {}, "enterprise": {"requests_per_minute": RPM}},
+                  "flood": {"enabled": False}},
         "alerts": {"webhook_url": webhook_url},
         "cost_guard": {
             "plans": {
@@ -238,3 +242,23 @@ def test_budget_put_through_the_admin_api_applies_without_restart(costs: dict[st
             denied = True
     assert denied
     assert httpx.delete(f"{costs['base_url']}/admin/budgets/{tag}", headers=admin).status_code == 200
+
+
+def test_rate_limit_is_exact_across_two_gateway_replicas(costs: dict[str, Any]) -> None:
+    key = key_for(costs, "enterprise")
+
+    async def fire() -> list[httpx.Response]:
+        async with httpx.AsyncClient(timeout=60) as client:
+            body = {"model": "cheap", "messages": MESSAGES, "max_tokens": MAX_TOKENS}
+            return await asyncio.gather(*(client.post(f"{costs['base_url']}/v1/chat/completions", json=body,
+                                                      headers={"Authorization": f"Bearer {key}"})
+                                          for _ in range(3 * RPM)))
+
+    responses = asyncio.run(fire())
+    allowed = [r for r in responses if r.status_code == 200]
+    denied = [r for r in responses if r.status_code == 429]
+    assert len(allowed) == RPM and len(denied) == 2 * RPM
+    assert {r.json()["error"]["code"] for r in denied} == {"rate_limit_exceeded"}
+    assert all(1 <= int(r.headers["retry-after"]) <= 60 for r in denied)
+    assert all(r.headers["x-ratelimit-limit-requests"] == str(RPM) for r in allowed + denied)
+    assert sorted(int(r.headers["x-ratelimit-remaining-requests"]) for r in allowed) == list(range(RPM))

@@ -258,3 +258,23 @@ def test_cors_closed_by_default_and_security_headers(deployed: Deployed) -> None
     assert "access-control-allow-origin" not in preflight.headers
     response = httpx.get(f"{deployed.base_url}/v1/models", headers={"Authorization": f"Bearer {deployed.api_key}"})
     assert response.headers["x-content-type-options"] == "nosniff"
+
+
+def test_admin_block_refuses_the_key_until_lifted(deployed: Deployed) -> None:
+    admin = {"Authorization": f"Bearer {deployed.admin_key}"}
+    key = httpx.post(f"{deployed.base_url}/admin/keys", json={"tenant": "t9", "user": "spammer"}, headers=admin).json()
+    block = httpx.post(f"{deployed.base_url}/admin/blocks", json={"key_id": key["key_id"], "seconds": 600},
+                       headers=admin)
+    assert block.status_code == 200
+    assert key["key_id"] in {b["key_id"] for b in httpx.get(f"{deployed.base_url}/admin/blocks", headers=admin).json()}
+    with pytest.raises(openai.RateLimitError):
+        client(deployed, key=key["key"]).chat.completions.create(model="echo", messages=MESSAGES)
+    assert httpx.delete(f"{deployed.base_url}/admin/blocks/{key['key_id']}", headers=admin).status_code == 200
+    assert client(deployed, key=key["key"]).chat.completions.create(model="echo", messages=MESSAGES).choices
+
+
+def test_too_many_messages_is_a_400(deployed: Deployed) -> None:
+    many = [{"role": "user", "content": "hi"}] * 300  # the guard's default max_messages is 256
+    with pytest.raises(openai.BadRequestError) as info:
+        client(deployed).chat.completions.create(model="echo", messages=many)
+    assert info.value.code == "too_many_messages"
