@@ -26,6 +26,8 @@ router = APIRouter(prefix="/admin", dependencies=[Depends(require_admin)])
 DEFAULT_REPORT_DAYS = 30
 # SQLite's INTEGER is a signed 64-bit value; a larger LIMIT/OFFSET would fail in the Ledger, not here.
 MAX_SQLITE_INT = 2**63 - 1
+# Report bounds, in Unix seconds: finite (answers echo them as JSON) and dates Python can render.
+MAX_TIMESTAMP_S = 253_402_300_799.0  # 9999-12-31T23:59:59Z
 
 
 class BlockRequest(BaseModel):
@@ -35,8 +37,9 @@ class BlockRequest(BaseModel):
 
 
 class KeyCreateRequest(BaseModel):
-    tenant: str
-    user: str
+    # Constrained strings also refuse lone surrogates, which Redis cannot store.
+    tenant: str = Field(min_length=1, max_length=256)
+    user: str = Field(min_length=1, max_length=256)
     plan: Plan = "free"
     admin: bool = False
 
@@ -86,8 +89,9 @@ async def revoke_key(key_id: str, gateway: "Gateway" = Depends(get_gateway)) -> 
 @router.get("/costs", response_model=None)
 async def costs(
     group_by: reports.GroupBy = "model",
-    from_ts: float | None = Query(None, alias="from", description="Unix seconds; default 30 days ago."),
-    to_ts: float | None = Query(None, alias="to", description="Unix seconds; default now."),
+    from_ts: float | None = Query(None, alias="from", ge=0, le=MAX_TIMESTAMP_S,
+                                  description="Unix seconds; default 30 days ago."),
+    to_ts: float | None = Query(None, alias="to", ge=0, le=MAX_TIMESTAMP_S, description="Unix seconds; default now."),
     tenant: str | None = None,
     format: Literal["json", "csv"] = "json",
     gateway: "Gateway" = Depends(get_gateway),
@@ -125,7 +129,8 @@ async def _budget_forecasts(gateway: "Gateway", tenant: str | None) -> list[dict
 
 @router.get("/costs/recommendations", response_model=list[reports.Recommendation])
 async def recommendations(
-    from_ts: float | None = Query(None, alias="from"), to_ts: float | None = Query(None, alias="to"),
+    from_ts: float | None = Query(None, alias="from", ge=0, le=MAX_TIMESTAMP_S),
+    to_ts: float | None = Query(None, alias="to", ge=0, le=MAX_TIMESTAMP_S),
     tenant: str | None = None, cheap_model: str | None = None, gateway: "Gateway" = Depends(get_gateway),
 ) -> list[reports.Recommendation]:
     """Savings the data shows: premium spend on simple requests, fallback spend."""

@@ -11,24 +11,52 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from fastapi import APIRouter, Depends
-from pydantic import Field, ValidationError
+from pydantic import ConfigDict, Field, PositiveFloat, PositiveInt, ValidationError
 
 from serve_app.auth import Plan
 from serve_app.cost_config import BudgetConfig, PlanConfig, PlansConfig
 from serve_app.deps import get_gateway, require_admin
 from serve_app.errors import InvalidRequestError
+from serve_app.protocol import MAX_OUTPUT_TOKENS
 
 if TYPE_CHECKING:
     from serve_app.gateway import Gateway
 
 router = APIRouter(prefix="/admin", dependencies=[Depends(require_admin)])
 
+# CostGuard hands limits to orjson (64-bit integers at most) and to Lua scripts that compute in
+# doubles (exact up to 2**53), USD as integer nano-dollars; a larger limit would fail every request
+# it applies to.
+MAX_TOKEN_LIMIT = 2**53
+MAX_USD_LIMIT = 1e9
+
 
 class BudgetBody(BudgetConfig):
-    """A budget in a PUT body: the path names it, so the body's ``id`` may be left out."""
+    """A budget in a PUT body: the path names it, so the body's ``id`` may be left out.
+
+    Numbers must be finite: JSON has no infinity, so an infinite limit or threshold would be
+    stored as ``null`` and the budget dropped, unenforced, when CostGuard reloads it.
+    """
+
+    model_config = ConfigDict(allow_inf_nan=False)
 
     id: str | None = Field(  # type: ignore[assignment]
         None, description="Optional; must equal the path's budget id when given."
+    )
+    limit_tokens: PositiveInt | None = Field(None, le=MAX_TOKEN_LIMIT, description="Tokens allowed per period.")
+    limit_usd: PositiveFloat | None = Field(None, le=MAX_USD_LIMIT, description="Spend allowed per period, in USD.")
+
+
+class PlanBody(PlanConfig):
+    """A plan in a PUT body, with limits CostGuard can count."""
+
+    daily_tokens: PositiveInt | None = Field(
+        None, le=MAX_TOKEN_LIMIT,
+        description="Tokens (prompt + completion) a user may spend per day; None is unlimited.",
+    )
+    max_tokens_cap: PositiveInt | None = Field(
+        None, le=MAX_OUTPUT_TOKENS,
+        description="Upper bound on a request's max_tokens (output tokens); None keeps the request's.",
     )
 
 
@@ -69,7 +97,8 @@ async def list_plans(gateway: "Gateway" = Depends(get_gateway)) -> PlansConfig:
 
 
 @router.put("/plans/{plan}", response_model=PlanConfig)
-async def put_plan(plan: Plan, body: PlanConfig, gateway: "Gateway" = Depends(get_gateway)) -> PlanConfig:
+async def put_plan(plan: Plan, body: PlanBody, gateway: "Gateway" = Depends(get_gateway)) -> PlanConfig:
     """Replace a plan for every key that carries it."""
-    saved: PlanConfig = await gateway.spend.cost_guard("put_plan", plan, body)
+    plan_config = PlanConfig.model_validate(body.model_dump())
+    saved: PlanConfig = await gateway.spend.cost_guard("put_plan", plan, plan_config)
     return saved

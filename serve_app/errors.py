@@ -4,6 +4,7 @@ Hierarchy (each carries the HTTP status and OpenAI's error ``type``/``code``):
 
 * RaygateError ........................ 500 ``internal_error``
   * InvalidRequestError ............... 400 ``invalid_request_error``
+    * MethodNotAllowedError ........... 405
     * RequestTooLargeError ............ 413
   * AuthenticationError ............... 401 ``invalid_api_key``
   * PermissionDeniedError ............. 403
@@ -86,6 +87,11 @@ class InvalidRequestError(RaygateError):
     code = None
 
 
+class MethodNotAllowedError(InvalidRequestError):
+    status_code = 405
+    code = "method_not_allowed"
+
+
 class RequestTooLargeError(InvalidRequestError):
     status_code = 413
     code = "request_too_large"
@@ -155,20 +161,30 @@ STATUS_ERRORS: dict[int, type[RaygateError]] = {
     401: AuthenticationError,
     403: PermissionDeniedError,
     404: NotFoundError,
+    405: MethodNotAllowedError,
     413: RequestTooLargeError,
     429: RateLimitError,
     503: ServiceUnavailableError,
 }
 
 
-def error_for_status(status_code: int, message: str) -> RaygateError:
-    """Return the raygate error that matches an HTTP status (500 for unknown ones)."""
+def error_for_status(status_code: int, message: str, headers: dict[str, str] | None = None) -> RaygateError:
+    """Return the raygate error that matches an HTTP status.
+
+    An unknown 4xx is the client's mistake (``invalid_request_error``); anything else unknown is a 500.
+
+    Args:
+        status_code: the framework's status.
+        message: the client-facing message.
+        headers: headers the answer must keep (``Allow`` on a 405).
+    """
     cls = STATUS_ERRORS.get(status_code)
-    if cls is None:
-        err = RaygateError(message)
-        err.status_code = status_code if 400 <= status_code < 600 else 500
-        return err
-    return cls(message)
+    if cls is not None:
+        return cls(message, headers=headers)
+    base = InvalidRequestError if 400 <= status_code < 500 else RaygateError
+    err = base(message, headers=headers)
+    err.status_code = status_code if 400 <= status_code < 600 else 500
+    return err
 
 
 def render_error_body(error: RaygateError) -> bytes:

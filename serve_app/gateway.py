@@ -74,10 +74,32 @@ from serve_app.streaming import sse_events
 logger = logging.getLogger(__name__)
 
 ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
-    status: {"model": ErrorResponse} for status in (400, 401, 403, 404, 413, 429, 500, 503)
+    status: {"model": ErrorResponse} for status in (400, 401, 403, 404, 405, 413, 429, 500, 503)
 }
 
-app = FastAPI(title="raygate", version=__version__, responses=ERROR_RESPONSES)
+def _drop_placeholder_examples(node: Any) -> Any:
+    if isinstance(node, dict):
+        return {k: _drop_placeholder_examples(v) for k, v in node.items() if not (k == "example" and v == {})}
+    if isinstance(node, list):
+        return [_drop_placeholder_examples(v) for v in node]
+    return node
+
+
+class GatewayAPI(FastAPI):
+    """FastAPI whose OpenAPI document survives ``@serve.ingress``'s pickled copy of the app.
+
+    The copy loses the identity of FastAPI's "unset" sentinel, so every parameter and body
+    would document ``"example": {}``; those placeholders are dropped.
+    """
+
+    def openapi(self) -> dict[str, Any]:
+        """The OpenAPI document, without placeholder examples."""
+        if self.openapi_schema is None:
+            self.openapi_schema = _drop_placeholder_examples(super().openapi())
+        return self.openapi_schema
+
+
+app = GatewayAPI(title="raygate", version=__version__, responses=ERROR_RESPONSES)
 # Outermost: every response, errors included, gets x-request-id; big bodies stop here.
 app.add_middleware(RequestContextMiddleware, max_body_bytes=lambda: app.state.max_body_bytes)
 install_error_handlers(app)

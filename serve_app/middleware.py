@@ -143,7 +143,7 @@ def install_error_handlers(app: FastAPI) -> None:
         if isinstance(exc.__cause__, RaygateError):  # FastAPI wraps body-read errors in a 400
             return error_response(exc.__cause__)
         message = exc.detail if isinstance(exc.detail, str) else "HTTP error"
-        return error_response(error_for_status(exc.status_code, message))
+        return error_response(error_for_status(exc.status_code, message, dict(exc.headers or {})))
 
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception) -> Response:

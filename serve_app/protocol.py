@@ -16,6 +16,25 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 logger = logging.getLogger(__name__)
 
+# The largest output budget a request may ask for (int32): above any context window, and small enough
+# that the token counters in Redis (int64) and in its Lua scripts (doubles) stay exact.
+MAX_OUTPUT_TOKENS = 2**31 - 1
+
+
+def check_unicode(*texts: str | None) -> None:
+    """Refuse text with a lone surrogate (a JSON ``"\\ud800"`` escape): no tokenizer, upstream or encoder takes it.
+
+    Raises:
+        ValueError: a text is not valid Unicode.
+    """
+    for text in texts:
+        if text is None or text.isascii():
+            continue
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError:
+            raise ValueError("text must be valid Unicode (it has a lone surrogate)") from None
+
 
 def new_id(prefix: str) -> str:
     """Return an OpenAI-style id such as ``chatcmpl-1f0c...``."""
@@ -48,6 +67,12 @@ class ChatMessage(OpenAIBaseModel):
     content: str | list[TextContentPart] | None = None
     name: str | None = None
 
+    @field_validator("content", "name")
+    @classmethod
+    def _check_text(cls, value: str | list[TextContentPart] | None) -> str | list[TextContentPart] | None:
+        check_unicode(*(part.text for part in value) if isinstance(value, list) else (value,))
+        return value
+
     def text(self) -> str:
         """Return the message content as one string."""
         if self.content is None:
@@ -67,8 +92,8 @@ class ChatCompletionRequest(OpenAIBaseModel):
     messages: list[ChatMessage] = Field(min_length=1)
     model: str = Field(min_length=1)
     frequency_penalty: float | None = Field(default=None, ge=-2.0, le=2.0)
-    max_completion_tokens: int | None = Field(default=None, ge=1)
-    max_tokens: int | None = Field(default=None, ge=1)
+    max_completion_tokens: int | None = Field(default=None, ge=1, le=MAX_OUTPUT_TOKENS)
+    max_tokens: int | None = Field(default=None, ge=1, le=MAX_OUTPUT_TOKENS)
     n: int = Field(default=1, ge=1, le=1)
     presence_penalty: float | None = Field(default=None, ge=-2.0, le=2.0)
     # What vLLM's msgpack transport and torch accept; larger seeds would fail deep in an engine.
@@ -85,6 +110,13 @@ class ChatCompletionRequest(OpenAIBaseModel):
     def _check_stop(cls, value: str | list[str] | None) -> str | list[str] | None:
         if isinstance(value, list) and len(value) > 4:
             raise ValueError("at most 4 stop sequences are allowed")
+        check_unicode(*(value if isinstance(value, list) else (value,)))
+        return value
+
+    @field_validator("user")
+    @classmethod
+    def _check_user(cls, value: str | None) -> str | None:
+        check_unicode(value)
         return value
 
     def stop_list(self) -> list[str]:
@@ -186,6 +218,12 @@ class EmbeddingRequest(OpenAIBaseModel):
     encoding_format: Literal["float", "base64"] = "float"
     dimensions: int | None = None
     user: str | None = None
+
+    @field_validator("input", "user")
+    @classmethod
+    def _check_text(cls, value: str | list[str] | None) -> str | list[str] | None:
+        check_unicode(*(value if isinstance(value, list) else (value,)))
+        return value
 
     def inputs(self) -> list[str]:
         """Return the inputs as a list of strings."""

@@ -89,6 +89,10 @@ async def test_budget_lifecycle(client: httpx.AsyncClient) -> None:
     ("/admin/budgets/cap", {"limit_tokens": 1, "limit_tokenz": 2}, "limit_tokenz"),
     ("/admin/budgets/cap", {"scope": "model", "scope_value": "nope", "limit_tokens": 1}, "scope_value"),
     ("/admin/budgets/a%20b", {"limit_tokens": 1}, "budget_id"),
+    ("/admin/budgets/cap", {"limit_tokens": 2**64}, "limit_tokens"),
+    ("/admin/budgets/cap", {"limit_usd": 1e300}, "limit_usd"),
+    ("/admin/plans/free", {"daily_tokens": 2**64}, "daily_tokens"),
+    ("/admin/plans/free", {"max_tokens_cap": 2**31}, "max_tokens_cap"),
     ("/admin/plans/gold", {"daily_tokens": 1}, "plan"),
     ("/admin/plans/free", {"allowed_models": ["nope"]}, "allowed_models"),
 ])
@@ -96,6 +100,16 @@ async def test_bad_changes_are_400(client: httpx.AsyncClient, path: str, body: d
     body_error = error(await client.put(path, headers=ADMIN, json=body), 400)
     assert body_error["type"] == "invalid_request_error"
     assert body_error["param"] == param
+
+
+@pytest.mark.parametrize(("body", "param"), [
+    ('{"limit_usd": Infinity}', "limit_usd"), ('{"limit_tokens": 1, "alert_thresholds": [NaN]}', "alert_thresholds.0"),
+])
+async def test_non_finite_budget_numbers_are_400(client: httpx.AsyncClient, body: str, param: str) -> None:
+    # Python's json reads these literals; stored, they would come back null and the budget vanish on reload.
+    response = await client.put("/admin/budgets/cap", headers={**ADMIN, "content-type": "application/json"},
+                                content=body)
+    assert error(response, 400)["param"] == param
 
 
 async def test_plan_replacement(client: httpx.AsyncClient) -> None:

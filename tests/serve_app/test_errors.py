@@ -126,3 +126,16 @@ def test_cors_is_closed_unless_origins_are_configured() -> None:
     assert opened.headers["access-control-allow-origin"] == "https://app.example"
     other = TestClient(app).options("/echo", headers={**preflight, "origin": "https://evil.example"})
     assert "access-control-allow-origin" not in other.headers
+
+
+def test_method_not_allowed_is_a_client_error_keeping_allow() -> None:
+    response = make_app().get("/echo")
+    assert response.status_code == 405 and response.headers["allow"] == "POST"
+    error = assert_openai_shape(response.json())
+    assert (error["type"], error["code"]) == ("invalid_request_error", "method_not_allowed")
+
+
+def test_unknown_client_status_is_an_invalid_request() -> None:
+    error = error_for_status(418, "m")
+    assert (error.status_code, error.type) == (418, "invalid_request_error")
+    assert error_for_status(507, "m").type == "internal_error"
