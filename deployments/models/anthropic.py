@@ -50,7 +50,7 @@ from anthropic.types import (
     RawMessageStreamEvent,
 )
 
-from deployments.models.provider import client_kwargs, map_sdk_errors
+from deployments.models.provider import SDKClientMixin, client_kwargs, map_sdk_errors
 from deployments.models.base import ChunkFactory, Engine, EngineOutput
 from deployments.models.tokens import estimate_usage
 from serve_app.config import ModelConfig, RemoteEngineParams
@@ -189,7 +189,7 @@ class _StreamTally:
         return text
 
 
-class AnthropicEngine(Engine):
+class AnthropicEngine(SDKClientMixin, Engine):
     """Forwards chat requests to Anthropic's Messages API.
 
     Args:
@@ -213,17 +213,6 @@ class AnthropicEngine(Engine):
         params = self.params
         self.client = anthropic.AsyncAnthropic(base_url=params.base_url.rstrip("/").removesuffix("/v1"),
                                                **client_kwargs(anthropic, self.config, params))
-
-    async def close(self) -> None:
-        """Close the connection pool."""
-        if self.client is not None:
-            await self.client.close()
-            self.client = None
-
-    async def check_health(self) -> None:
-        """Raise if ``start()`` has not run; the upstream's health shows in the calls."""
-        if self.client is None:
-            raise ServiceUnavailableError(f"Model {self.config.name} is not started.")
 
     def _create_kwargs(self, request: ChatCompletionRequest) -> dict[str, Any]:
         system, messages = translate_messages(request.messages)

@@ -18,13 +18,32 @@ import aiohttp
 import httpx2
 
 from serve_app.config import ModelConfig, RemoteEngineParams
-from serve_app.errors import InvalidRequestError, RaygateError, UpstreamError, UpstreamTimeoutError
+from serve_app.errors import InvalidRequestError, RaygateError, ServiceUnavailableError, UpstreamError
+from serve_app.errors import UpstreamTimeoutError
 from serve_app.errors import UpstreamUnavailableError
 
 logger = logging.getLogger(__name__)
 
 MAX_UPSTREAM_MESSAGE_CHARS = 1000
 StreamErrorMapper = Callable[[Any, str], RaygateError]
+
+
+class SDKClientMixin:
+    """``close`` and ``check_health`` of an engine whose one SDK client lives in ``self.client``."""
+
+    client: Any
+    config: ModelConfig
+
+    async def close(self) -> None:
+        """Close the connection pool."""
+        if self.client is not None:
+            await self.client.close()
+            self.client = None
+
+    async def check_health(self) -> None:
+        """Raise if ``start()`` has not run; the upstream's health shows in the calls."""
+        if self.client is None:
+            raise ServiceUnavailableError(f"Model {self.config.name} is not started.")
 
 
 def client_kwargs(sdk: ModuleType, config: ModelConfig, params: RemoteEngineParams) -> dict[str, Any]:

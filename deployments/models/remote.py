@@ -16,7 +16,7 @@ from typing import Any, get_args
 import openai
 
 from deployments.models.base import ChunkFactory, Engine, EngineOutput
-from deployments.models.provider import client_kwargs, map_sdk_errors
+from deployments.models.provider import SDKClientMixin, client_kwargs, map_sdk_errors
 from deployments.models.tokens import estimate_usage
 from serve_app.config import ModelConfig, RemoteEngineParams
 from serve_app.errors import ServiceUnavailableError
@@ -45,7 +45,7 @@ def _finish_reason(value: str | None) -> FinishReason:
     return value if value in _FINISH_REASONS else "stop"  # type: ignore[return-value]
 
 
-class RemoteEngine(Engine):
+class RemoteEngine(SDKClientMixin, Engine):
     """Forwards chat requests to an OpenAI-compatible upstream.
 
     Args:
@@ -64,17 +64,6 @@ class RemoteEngine(Engine):
         """Create the SDK client; no network call, the first request opens connections."""
         self.client = openai.AsyncOpenAI(base_url=self.params.base_url,
                                          **client_kwargs(openai, self.config, self.params))
-
-    async def close(self) -> None:
-        """Close the connection pool."""
-        if self.client is not None:
-            await self.client.close()
-            self.client = None
-
-    async def check_health(self) -> None:
-        """Raise if ``start()`` has not run; the upstream's health shows in the calls."""
-        if self.client is None:
-            raise ServiceUnavailableError(f"Model {self.config.name} is not started.")
 
     def _create_kwargs(self, request: ChatCompletionRequest) -> dict[str, Any]:
         kwargs: dict[str, Any] = {
