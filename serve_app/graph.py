@@ -88,16 +88,28 @@ def load_config(args: dict[str, Any]) -> GatewayConfig:
     return config.model_copy(update={"stores": stores})
 
 
-def build_app(args: dict[str, Any], *, gateway_options: dict[str, Any] | None = None) -> Application:
-    """Build raygate's graph from serve_config.yaml's ``args``.
+def build_app(args: dict[str, Any]) -> Application:
+    """Build raygate's graph from serve_config.yaml's ``args`` (the ``import_path`` target).
+
+    Serve calls it with exactly one argument; tests and benchmarks that need other
+    Gateway options call ``build_graph``.
 
     Args:
         args: the application args (validated by ``GatewayConfig``).
-        gateway_options: Serve options overriding the Gateway's defaults (tests and
-            benchmarks; serve_config.yaml's ``deployments:`` does this for `serve run`).
 
     Returns:
         The Gateway bound to its models, Embedder and Ledger (and components placed as deployments).
+    """
+    return build_graph(args)
+
+
+def build_graph(args: dict[str, Any], *, gateway_options: dict[str, Any] | None = None) -> Application:
+    """``build_app`` with Serve options overriding the Gateway's defaults.
+
+    Args:
+        args: the application args.
+        gateway_options: e.g. ``{"num_replicas": 2}`` (serve_config.yaml's ``deployments:`` does
+            this for `serve run` / `serve deploy`).
     """
     config = load_config(args)
     redis_url = config.stores.redis_url or embedded_redis_url(config.stores.data_dir)

@@ -88,7 +88,7 @@ def costs(request: pytest.FixtureRequest, deployed: Deployed, session_data_dir: 
     """An app with its own plans and budgets, 2 Gateway replicas, on a slow upstream."""
     from ray import serve
 
-    from serve_app.graph import build_app
+    from serve_app.graph import build_graph
 
     placement = request.param
     tenant = uuid.uuid4().hex[:6]
@@ -98,7 +98,7 @@ def costs(request: pytest.FixtureRequest, deployed: Deployed, session_data_dir: 
         args = costs_args(upstream_url, session_data_dir / f"costs-{placement}", deployed.redis_url, placement, tenant,
                           webhook.url)
         name = f"costs-{placement}"
-        serve.run(build_app(args, gateway_options={"num_replicas": 2}), name=name, route_prefix=f"/{name}")
+        serve.run(build_graph(args, gateway_options={"num_replicas": 2}), name=name, route_prefix=f"/{name}")
         yield {"base_url": f"{deployed.base_url}/{name}", "upstream": upstream, "tenant": tenant,
                "redis_url": deployed.redis_url, "admin_key": deployed.admin_key, "placement": placement,
                "webhook": webhook}

@@ -26,10 +26,14 @@ def test_serve_config_args_validate() -> None:
 
 
 def test_serve_config_builds_a_graph(tmp_path: Path) -> None:
+    from ray.serve import Application
+    from ray.serve._private.api import call_user_app_builder_with_args_if_necessary
+
     app = serve_config()["applications"][0]
     args = {**app["args"], "stores": {"redis_url": "redis://127.0.0.1:1", "data_dir": str(tmp_path)}}
-    built = build_app(args)
-    assert built is not None
+    # The way `serve run` / `serve deploy` call the import_path (it insists on one parameter).
+    built = call_user_app_builder_with_args_if_necessary(build_app, args)
+    assert isinstance(built, Application)
     deployment_names = {d["name"] for d in app["deployments"]}
     expected = {"Gateway", "Embedder", "Ledger"} | {model_deployment_name(m["name"]) for m in app["args"]["models"]}
     assert deployment_names == expected
