@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import yaml
 from pydantic import BaseModel, ConfigDict
@@ -18,3 +19,17 @@ class BaseConfig(BaseModel):
         """Load and validate a YAML file."""
         with open(path, encoding="utf-8") as f:
             return cls.model_validate(yaml.load(f, Loader=yaml.SafeLoader))
+
+
+class PlanTable(BaseConfig):
+    """A config with one field per plan an API key can carry (``free``, ``premium``, ``enterprise``)."""
+
+    def get(self, plan: str) -> Any:
+        """Return a plan's entry by name.
+
+        Raises:
+            KeyError: not a known plan.
+        """
+        if plan not in type(self).model_fields:
+            raise KeyError(plan)
+        return getattr(self, plan)

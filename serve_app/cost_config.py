@@ -12,7 +12,7 @@ from typing import Literal
 
 from pydantic import Field, NonNegativeInt, PositiveFloat, PositiveInt, field_validator, model_validator
 
-from serve_app.config_base import BaseConfig
+from serve_app.config_base import BaseConfig, PlanTable
 
 BudgetScope = Literal["global", "tenant", "user", "model", "tag"]
 BudgetPeriod = Literal["day", "week", "month"]
@@ -47,23 +47,13 @@ class PlanConfig(BaseConfig):
         return self.allowed_models is None or model in self.allowed_models
 
 
-class PlansConfig(BaseConfig):
+class PlansConfig(PlanTable):
     """One ``PlanConfig`` per plan an API key can carry (``serve_app.auth.Plan``)."""
 
     free: PlanConfig = Field(default_factory=lambda: PlanConfig(daily_tokens=50_000))
     premium: PlanConfig = Field(default_factory=lambda: PlanConfig(daily_tokens=200_000))
     enterprise: PlanConfig = Field(default_factory=PlanConfig)
 
-    def get(self, plan: str) -> PlanConfig:
-        """Return a plan's config by name.
-
-        Raises:
-            KeyError: not a known plan.
-        """
-        if plan not in PlansConfig.model_fields:
-            raise KeyError(plan)
-        config: PlanConfig = getattr(self, plan)
-        return config
 
 
 class BudgetConfig(BaseConfig):

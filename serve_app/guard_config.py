@@ -11,7 +11,7 @@ from typing import Literal
 
 from pydantic import Field, PositiveFloat, PositiveInt, model_validator
 
-from serve_app.config_base import BaseConfig
+from serve_app.config_base import BaseConfig, PlanTable
 
 AnomalyAction = Literal["alert", "block"]
 
@@ -29,7 +29,7 @@ class RateLimitConfig(BaseConfig):
     )
 
 
-class GuardPlansConfig(BaseConfig):
+class GuardPlansConfig(PlanTable):
     """One ``RateLimitConfig`` per plan an API key can carry (``serve_app.auth.Plan``)."""
 
     free: RateLimitConfig = Field(
@@ -40,16 +40,6 @@ class GuardPlansConfig(BaseConfig):
     )
     enterprise: RateLimitConfig = Field(default_factory=RateLimitConfig)
 
-    def get(self, plan: str) -> RateLimitConfig:
-        """Return a plan's limits by name.
-
-        Raises:
-            KeyError: not a known plan.
-        """
-        if plan not in GuardPlansConfig.model_fields:
-            raise KeyError(plan)
-        limits: RateLimitConfig = getattr(self, plan)
-        return limits
 
 
 class FloodConfig(BaseConfig):

@@ -320,12 +320,16 @@ class FakeUpstream:
         return web.Response(status=fault.status, body=orjson.dumps(body), content_type="application/json",
                             headers=headers)
 
-    async def _chat(self, request: web.Request) -> web.StreamResponse:
+    async def _read(self, request: web.Request) -> tuple[Any, Fault | None]:
+        """The request's JSON body (None when it is not JSON) and the fault this request takes."""
         try:
             body = orjson.loads(await request.read())
         except orjson.JSONDecodeError:
             body = None
-        fault = await self._before_headers(request, body)
+        return body, await self._before_headers(request, body)
+
+    async def _chat(self, request: web.Request) -> web.StreamResponse:
+        body, fault = await self._read(request)
         if not isinstance(body, dict) or not isinstance(body.get("messages"), list):
             return self._status_response(Fault("status", status=400, message="messages is required"))
         if fault is not None and fault.kind == "status":
@@ -389,11 +393,7 @@ class FakeUpstream:
 
     async def _messages(self, request: web.Request) -> web.StreamResponse:
         """Anthropic's ``POST /v1/messages``: https://docs.anthropic.com/en/api/messages"""
-        try:
-            body = orjson.loads(await request.read())
-        except orjson.JSONDecodeError:
-            body = None
-        fault = await self._before_headers(request, body)
+        body, fault = await self._read(request)
         if not isinstance(body, dict) or not isinstance(body.get("messages"), list):
             return self._anthropic_error(400, "messages: Field required")
         limit = body.get("max_tokens")
