@@ -67,7 +67,8 @@ class RequestRecord(BaseModel):
     status: int = 200
     error_code: str | None = None
     stream: bool = False
-    cache_status: str | None = None
+    cache_status: str | None = Field(None, description="hit, semantic-hit, miss or bypass.")
+    saved_usd: float = Field(0.0, description="What a cache hit saved: the original call's price.")
     route: str | None = None
     attempts: int = 0
     fallback: bool = False

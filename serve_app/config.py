@@ -13,6 +13,7 @@ from typing import Annotated, Any, Literal
 from pydantic import Field, NonNegativeFloat, PositiveFloat, PositiveInt, field_validator, model_validator
 
 from serve_app.alerts import AlertsConfig
+from serve_app.cache_config import CacheConfig
 from serve_app.config_base import BaseConfig
 from serve_app.cost_config import CostGuardConfig
 from serve_app.guard_config import GuardConfig
@@ -194,6 +195,7 @@ class GatewayConfig(BaseConfig):
     cost_guard: CostGuardConfig = Field(default_factory=CostGuardConfig)
     alerts: AlertsConfig = Field(default_factory=AlertsConfig)
     guard: GuardConfig = Field(default_factory=GuardConfig)
+    cache: CacheConfig = Field(default_factory=CacheConfig)
     placement: PlacementConfig = Field(default_factory=PlacementConfig)
 
     @model_validator(mode="after")

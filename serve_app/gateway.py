@@ -22,6 +22,10 @@ from fastapi.responses import Response, StreamingResponse
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 
+from deployments.cache import CachePlan, ResponseCache
+from deployments.cache_protocol import (
+    CACHE_HEADER, CATEGORY_HEADER, CacheHit, StreamCollector, completion_from, replay_chunks,
+)
 from deployments.cost_guard import CostGuard
 from deployments.cost_guard_protocol import UsageReport
 from deployments.guard import Guard, check_request_size
@@ -29,6 +33,7 @@ from deployments.guard_protocol import GuardDecision
 from deployments.ledger import AttemptRecord, FeedbackRecord, LedgerBuffer, RequestRecord
 from serve_app import __version__
 from serve_app.admin import router as admin_router
+from serve_app.cache_admin import router as cache_admin_router
 from serve_app.cost_admin import router as cost_admin_router
 from serve_app.alerts import Alerter
 from serve_app.auth import APIKey, KeyStore
@@ -105,6 +110,7 @@ app.add_middleware(RequestContextMiddleware, max_body_bytes=lambda: app.state.ma
 install_error_handlers(app)
 app.include_router(admin_router)
 app.include_router(cost_admin_router)
+app.include_router(cache_admin_router)
 app.state.max_body_bytes = 1_048_576
 
 
@@ -154,6 +160,7 @@ class Gateway:
         ledger: the Ledger's handle.
         cost_guard: CostGuard's handle when it is placed as a deployment; None embeds it here.
         guard: the Guard's handle when it is placed as a deployment; None embeds it here.
+        semantic_cache: the SemanticCache's handle; None keeps the cache exact-only.
     """
 
     def __init__(
@@ -165,6 +172,7 @@ class Gateway:
         ledger: DeploymentHandle,
         cost_guard: DeploymentHandle | None = None,
         guard: DeploymentHandle | None = None,
+        semantic_cache: DeploymentHandle | None = None,
     ) -> None:
         self.config = config
         redis = redis_client(redis_url)
@@ -176,6 +184,8 @@ class Gateway:
         self.alerter = Alerter(config.alerts, redis, budget_status=lambda: placed("budget_status"))
         self.spend = Spend(placed, on_crossings=self.alerter.notify)
         self.guard = Placed("Guard", guard or Guard(config.guard, redis_url), remote=guard is not None)
+        semantic = Placed("SemanticCache", semantic_cache, remote=True) if semantic_cache is not None else None
+        self.cache = ResponseCache(config.cache, redis_url, semantic)
         self.embedder = embedder
         self.ledger = ledger
         self.ledger_buffer = LedgerBuffer(
@@ -213,26 +223,39 @@ class Gateway:
         if decision.model is not None and decision.model != model.name:
             record.downgraded_from, model = model.name, self._model(decision.model)
         body = capped_request(body, decision)
+        plan = self.cache.plan(body, key.tenant, model.name, request.headers.get("cache-control"))
+        if (hit := await self.cache.lookup(plan)) is not None:
+            return self._serve_hit(hit, body, record, model, started, limits)
+        record.cache_status = plan.status
         try:
             answer = await self.dispatcher.first_answer(body, model, attempts, _language(request))
         except RaygateError as exc:
             self._record(record, started, None, None, exc, attempts)
             exc.headers = {**exc.headers, "x-raygate-attempts": str(len(attempts))}
             raise
-        headers = {**_answer_headers(answer, started), **limits.headers()}
+        headers = {**_answer_headers(answer, started), **limits.headers(), CACHE_HEADER: plan.status}
         if record.downgraded_from:
             headers["x-raygate-downgraded"] = f"{record.downgraded_from}->{model.name}"
+        category = request.headers.get(CATEGORY_HEADER)
         if answer.stream is None:
             self._correct_tokens(key, answer.first.usage, estimated_tokens, limits)
             self._record(record, started, answer.model, answer.first.usage, None, attempts)
+            choice = answer.first.choices[0]
+            self._cache_store(plan, choice.message.content, choice.finish_reason, answer.model, answer.first.usage,
+                              record, category)
             return Response(orjson.dumps(answer.first.model_dump(mode="json")), media_type="application/json",
                             headers=headers)
+        collected = StreamCollector()
 
         def on_end(usage: UsageInfo | None, error: RaygateError | None) -> None:
             self._correct_tokens(key, usage, estimated_tokens, limits)
             self._record(record, started, answer.model, usage, error, attempts)
+            if error is None and usage is not None:
+                self._cache_store(plan, collected.text(), collected.finish_reason, answer.model, usage, record,
+                                  category)
 
-        events = sse_events(answer.first, lambda: self._rest(answer.stream, answer.model),
+        collected.add(answer.first)
+        events = sse_events(answer.first, lambda: collected.wrap(self._rest(answer.stream, answer.model)),
                             include_usage=body.include_usage(), on_end=on_end)
         return StreamingResponse(events, media_type="text/event-stream", headers=headers)
 
@@ -288,6 +311,37 @@ class Gateway:
         body = {"status": "ok" if healthy else "degraded", "components": status}
         return Response(orjson.dumps(body), status_code=200 if healthy else 503, media_type="application/json")
 
+    def _serve_hit(self, hit: CacheHit, body: ChatCompletionRequest, record: RequestRecord, model: ModelConfig,
+                   started: float, limits: GuardDecision) -> Response:
+        """Answer from the cache at once (streamed if asked): nothing billed, the saving recorded."""
+        record.cache_status = hit.status
+        record.saved_usd = model.cost_usd(hit.entry.usage.prompt_tokens, hit.entry.usage.completion_tokens)
+        self.spend.background.spawn(self.cache.count(hit.status, record.saved_usd))
+        self._record(record, started, model, UsageInfo.of(0, 0), None, [])
+        headers = {MODEL_HEADER: hit.entry.model, CACHE_HEADER: hit.status, "x-raygate-attempts": "0",
+                   **limits.headers()}
+        if not body.stream:
+            payload = completion_from(hit, record.id).model_dump(mode="json") | {"raygate": hit.extension()}
+            return Response(orjson.dumps(payload), media_type="application/json", headers=headers)
+        first, *rest = replay_chunks(hit, record.id)
+
+        async def replay() -> AsyncIterator[ChatCompletionStreamResponse]:
+            for chunk in rest:
+                yield chunk
+
+        events = sse_events(first, replay, include_usage=body.include_usage(), on_end=lambda usage, error: None)
+        return StreamingResponse(events, media_type="text/event-stream", headers=headers)
+
+    def _cache_store(self, plan: CachePlan, content: str | None, finish_reason: Any, model: ModelConfig,
+                     usage: UsageInfo, record: RequestRecord, category: str | None) -> None:
+        """Count the lookup's outcome and keep the answer, off the client's path."""
+        self.spend.background.spawn(self.cache.count(plan.status))
+        if plan.store and content:
+            cost = model.cost_usd(usage.prompt_tokens, usage.completion_tokens)
+            tags = record.tags.split(",") if record.tags else []
+            self.spend.background.spawn(self.cache.store(plan, content, finish_reason, model.name, usage, cost,
+                                                         record.user, tags, category))
+
     def _correct_tokens(self, key: APIKey, usage: UsageInfo | None, estimated: int, limits: GuardDecision) -> None:
         """Replace the tokens-per-minute estimate with the real count, off the client's path."""
         actual = usage.total_tokens if usage is not None else 0
@@ -298,6 +352,7 @@ class Gateway:
         await self.spend.close()
         await self.guard.close()
         await self.alerter.close()
+        await self.cache.close()
         await self.ledger_buffer.close()
         await self.keys.redis.aclose()
 
@@ -334,9 +389,10 @@ class Gateway:
             cost = model.cost_usd(usage.prompt_tokens, usage.completion_tokens)
             record.prompt_tokens, record.completion_tokens = usage.prompt_tokens, usage.completion_tokens
             record.cost_usd, record.usage_estimated = cost, usage.estimated
-            record.attempt_log[-1] = record.attempt_log[-1].model_copy(update={
-                "prompt_tokens": usage.prompt_tokens, "completion_tokens": usage.completion_tokens,
-                "cost_usd": cost, "usage_estimated": usage.estimated})
+            if record.attempt_log:  # a cache hit made no call
+                record.attempt_log[-1] = record.attempt_log[-1].model_copy(update={
+                    "prompt_tokens": usage.prompt_tokens, "completion_tokens": usage.completion_tokens,
+                    "cost_usd": cost, "usage_estimated": usage.estimated})
         if error is not None:
             record.status, record.error_code = error.status_code, error.code
             if record.attempt_log and record.attempt_log[-1].status == 200:  # failed after the first byte

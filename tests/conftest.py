@@ -29,3 +29,23 @@ def valkey_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
 def session_data_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """raygate's data dir for the session (tiny model, ledger)."""
     return tmp_path_factory.mktemp("raygate-data")
+
+
+class DirectEmbedder:
+    """The real Embedder's model, called without Serve's batching (which needs a replica)."""
+
+    def __init__(self) -> None:
+        from deployments.embedder import Embedder
+        from serve_app.config import EmbedderConfig
+
+        self.embedder = Embedder(EmbedderConfig())
+
+    async def embed(self, texts: list[str]) -> tuple[list[list[float]], int]:
+        vectors, counts = self.embedder._encode(texts)
+        return vectors, sum(counts)
+
+
+@pytest.fixture(scope="session")
+def direct_embedder() -> DirectEmbedder:
+    """all-MiniLM-L6-v2, loaded once per session."""
+    return DirectEmbedder()

@@ -69,6 +69,8 @@ def costs_args(upstream_url: str, data_dir: Path, redis_url: str, placement: str
         "guard": {"plans": {"free": {}, "premium": {}, "enterprise": {"requests_per_minute": RPM}},
                   "flood": {"enabled": False}},
         "alerts": {"webhook_url": webhook_url},
+        # The main app's SemanticCache holds the data dir's Qdrant (local mode: one process per dir).
+        "cache": {"enabled": False},
         "cost_guard": {
             "plans": {
                 "free": {"daily_tokens": QUOTA_REQUESTS * PER_REQUEST, "allowed_models": ["echo", "cheap"]},
