@@ -69,6 +69,7 @@ class RequestRecord(BaseModel):
     stream: bool = False
     cache_status: str | None = Field(None, description="hit, semantic-hit, miss or bypass.")
     saved_usd: float = Field(0.0, description="What a cache hit saved: the original call's price.")
+    flags: str | None = Field(None, description="Guard flags, e.g. prompt_injection:pattern:override.")
     route: str | None = None
     attempts: int = 0
     fallback: bool = False

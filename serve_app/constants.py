@@ -15,3 +15,4 @@ DEFAULT_MAX_OUTPUT_TOKENS: Final = 256
 REQUEST_ID_HEADER: Final = "x-request-id"
 MODEL_HEADER: Final = "x-raygate-model"
 APP_NAME: Final = "raygate"
+FLAGS_HEADER: Final = "x-raygate-flags"

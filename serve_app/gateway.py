@@ -30,7 +30,8 @@ from deployments.cost_guard import CostGuard
 from deployments.cost_guard_protocol import UsageReport
 from deployments.guard import Guard, check_request_size
 from deployments.guard_protocol import GuardDecision
-from deployments.ledger import AttemptRecord, FeedbackRecord, LedgerBuffer, RequestRecord
+from deployments.injection import InjectionDetector, Verdict, user_text
+from deployments.ledger import FeedbackRecord, LedgerBuffer, RequestRecord
 from serve_app import __version__
 from serve_app.admin import router as admin_router
 from serve_app.cache_admin import router as cache_admin_router
@@ -45,6 +46,7 @@ from serve_app.constants import (
     HEALTH_CHECK_TIMEOUT_S,
     LEDGER_CALL_TIMEOUT_S,
     MODEL_CALL_TIMEOUT_S,
+    FLAGS_HEADER,
     MODEL_HEADER,
 )
 from serve_app.errors import (
@@ -59,6 +61,7 @@ from serve_app.dispatch import Answer, Attempt, Dispatcher
 from serve_app.handles import call, next_item
 from serve_app.middleware import RequestContextMiddleware, install_cors, install_error_handlers
 from serve_app.placement import Placed
+from serve_app.records import fill_record
 from serve_app.protocol import (
     ChatCompletionRequest,
     ChatCompletionResponse,
@@ -186,6 +189,8 @@ class Gateway:
         self.guard = Placed("Guard", guard or Guard(config.guard, redis_url), remote=guard is not None)
         semantic = Placed("SemanticCache", semantic_cache, remote=True) if semantic_cache is not None else None
         self.cache = ResponseCache(config.cache, redis_url, semantic)
+        self.injection = InjectionDetector(config.guard.injection, Placed("Embedder", embedder, remote=True,
+                                                                          timeout_s=EMBEDDER_CALL_TIMEOUT_S))
         self.embedder = embedder
         self.ledger = ledger
         self.ledger_buffer = LedgerBuffer(
@@ -213,9 +218,12 @@ class Gateway:
         estimated_tokens = estimate_prompt_tokens(body) + body.max_output_tokens(model.default_max_tokens)
         try:
             check_request_size(self.config.guard, body)
-            limits: GuardDecision = await self.guard("check", key, estimated_tokens)
+            limits: GuardDecision
+            limits, verdict = await asyncio.gather(self.guard("check", key, estimated_tokens),
+                                                   self._inspect(key, body))
             if (denied := limits.to_error()) is not None:
                 raise denied
+            record.flags = self._judge(key, verdict)
             decision = await self.spend.reserve(record.id, key, body, model, tags)
         except RaygateError as exc:
             self._record(record, started, None, None, exc, attempts, reserved=False)
@@ -234,6 +242,8 @@ class Gateway:
             exc.headers = {**exc.headers, "x-raygate-attempts": str(len(attempts))}
             raise
         headers = {**_answer_headers(answer, started), **limits.headers(), CACHE_HEADER: plan.status}
+        if record.flags:
+            headers[FLAGS_HEADER] = record.flags
         if record.downgraded_from:
             headers["x-raygate-downgraded"] = f"{record.downgraded_from}->{model.name}"
         category = request.headers.get(CATEGORY_HEADER)
@@ -319,7 +329,7 @@ class Gateway:
         self.spend.background.spawn(self.cache.count(hit.status, record.saved_usd))
         self._record(record, started, model, UsageInfo.of(0, 0), None, [])
         headers = {MODEL_HEADER: hit.entry.model, CACHE_HEADER: hit.status, "x-raygate-attempts": "0",
-                   **limits.headers()}
+                   **limits.headers(), **({FLAGS_HEADER: record.flags} if record.flags else {})}
         if not body.stream:
             payload = completion_from(hit, record.id).model_dump(mode="json") | {"raygate": hit.extension()}
             return Response(orjson.dumps(payload), media_type="application/json", headers=headers)
@@ -341,6 +351,22 @@ class Gateway:
             tags = record.tags.split(",") if record.tags else []
             self.spend.background.spawn(self.cache.store(plan, content, finish_reason, model.name, usage, cost,
                                                          record.user, tags, category))
+
+    async def _inspect(self, key: APIKey, body: ChatCompletionRequest) -> Verdict | None:
+        """Run the injection detector on the user's text, unless the tenant turned it off."""
+        if self.injection.action(key.tenant) == "off":
+            return None
+        return await self.injection.inspect(user_text(body.messages))
+
+    def _judge(self, key: APIKey, verdict: Verdict | None) -> str | None:
+        """The flags to record and send; a tenant that blocks injections gets a 400 naming the rule."""
+        if verdict is None or not verdict.flagged:
+            return None
+        if self.injection.action(key.tenant) == "block":
+            raise InvalidRequestError(
+                f"The prompt was rejected: it looks like a prompt injection ({', '.join(verdict.rules)}).",
+                param="messages", code="prompt_rejected")
+        return verdict.header()
 
     def _correct_tokens(self, key: APIKey, usage: UsageInfo | None, estimated: int, limits: GuardDecision) -> None:
         """Replace the tokens-per-minute estimate with the real count, off the client's path."""
@@ -376,29 +402,7 @@ class Gateway:
         """Settle the reservation, and queue the request's ledger row with one row per model call."""
         if reserved:
             self.spend.finish(record.id, model, usage)
-        record.latency_ms = (time.perf_counter() - started) * 1000
-        record.attempt_log = [
-            AttemptRecord(number=i, model=a.model, status=a.status, error_code=a.error_code, latency_ms=a.latency_ms)
-            for i, a in enumerate(attempts, start=1)
-        ]
-        record.attempts = len(attempts)
-        if model is not None:
-            record.model = model.name
-            record.fallback = model.name != record.requested_model
-        if usage is not None and model is not None:
-            cost = model.cost_usd(usage.prompt_tokens, usage.completion_tokens)
-            record.prompt_tokens, record.completion_tokens = usage.prompt_tokens, usage.completion_tokens
-            record.cost_usd, record.usage_estimated = cost, usage.estimated
-            if record.attempt_log:  # a cache hit made no call
-                record.attempt_log[-1] = record.attempt_log[-1].model_copy(update={
-                    "prompt_tokens": usage.prompt_tokens, "completion_tokens": usage.completion_tokens,
-                    "cost_usd": cost, "usage_estimated": usage.estimated})
-        if error is not None:
-            record.status, record.error_code = error.status_code, error.code
-            if record.attempt_log and record.attempt_log[-1].status == 200:  # failed after the first byte
-                record.attempt_log[-1] = record.attempt_log[-1].model_copy(
-                    update={"status": error.status_code, "error_code": error.code})
-        self.ledger_buffer.add(record)
+        self.ledger_buffer.add(fill_record(record, started, model, usage, error, attempts))
 
     async def _send_to_ledger(self, rows: list[RequestRecord]) -> None:
         await call(self.ledger.record.remote(rows), LEDGER_CALL_TIMEOUT_S, "Ledger")

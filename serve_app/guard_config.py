@@ -14,6 +14,7 @@ from pydantic import Field, PositiveFloat, PositiveInt, model_validator
 from serve_app.config_base import BaseConfig, PlanTable
 
 AnomalyAction = Literal["alert", "block"]
+InjectionAction = Literal["flag", "block", "off"]
 
 
 class RateLimitConfig(BaseConfig):
@@ -94,12 +95,30 @@ class AnomalyConfig(BaseConfig):
     )
 
 
+class InjectionConfig(BaseConfig):
+    """Prompt-injection detection (``deployments.injection``): patterns and similarity to known attacks."""
+
+    enabled: bool = Field(True, description="Inspect the user's text of every chat request.")
+    action: InjectionAction = Field(
+        "flag", description="flag: answer, with x-raygate-flags and the ledger row marked; block: 400 "
+        "prompt_rejected naming the rule; off: skip.")
+    tenant_actions: dict[str, InjectionAction] = Field(default_factory=dict, description="Per-tenant action.")
+    patterns: bool = Field(True, description="Run the pattern rules.")
+    embedding: bool = Field(True, description="Compare with known attack prompts through the Embedder.")
+    similarity_threshold: float = Field(
+        0.85, gt=0, le=1, description="Cosine similarity to a known attack that flags a chunk (bench.injection).")
+    attacks_file: str | None = Field(None, description="More known attack prompts, one per line, added to the shipped list.")
+    chunk_chars: PositiveInt = Field(300, description="User text is compared in chunks of about this many characters...")
+    max_chunks: PositiveInt = Field(8, description="...the last this many of them.")
+
+
 class GuardConfig(BaseConfig):
     """Rate limits, abuse detection and request size limits, checked before any other work."""
 
     plans: GuardPlansConfig = Field(default_factory=GuardPlansConfig)
     flood: FloodConfig = Field(default_factory=FloodConfig)
     anomaly: AnomalyConfig = Field(default_factory=AnomalyConfig)
+    injection: InjectionConfig = Field(default_factory=InjectionConfig)
     max_messages: PositiveInt | None = Field(256, description="Messages one chat request may carry; None is unlimited.")
     max_content_chars: PositiveInt | None = Field(
         400_000, description="Characters of message content one chat request may carry, all messages together."

@@ -99,6 +99,7 @@ FAST_RETRY = {"max_attempts": 3, "initial_backoff_s": 0.05, "max_backoff_s": 0.2
 NO_CIRCUIT = {"enabled": False}
 NO_RATE_LIMITS = {"plans": {"free": {}, "premium": {}, "enterprise": {}}}
 UNAVAILABLE_FR = "Le service est momentanément indisponible."
+INJECTION_BLOCKING_TENANT = "strict-school"
 
 
 def flaky_models(flaky_url: str) -> list[dict[str, Any]]:
@@ -137,7 +138,7 @@ def app_args(data_dir: Path, redis_url: str, upstream_url: str, flaky_url: str) 
         ],
         "stores": {"redis_url": redis_url, "data_dir": str(data_dir)},
         # The suite sends many requests with one key: no rate limits here (test_cost_guard_gateway tests them).
-        "guard": NO_RATE_LIMITS,
+        "guard": {**NO_RATE_LIMITS, "injection": {"tenant_actions": {INJECTION_BLOCKING_TENANT: "block"}}},
         "gateway": {"max_body_bytes": 65536, "ledger_flush_interval_s": 0.1,
                     "unavailable_messages": {"fr": UNAVAILABLE_FR}},
     }
