@@ -18,7 +18,8 @@ from typing import Literal
 
 from pydantic import BaseModel, Field
 
-from deployments import reports
+from deployments import privacy, reports
+from deployments.privacy import AuditEntry, Content
 from serve_app.config import LedgerConfig
 
 logger = logging.getLogger(__name__)
@@ -77,9 +78,10 @@ class RequestRecord(BaseModel):
     tags: str | None = Field(None, description="Caller tags (x-raygate-tag), comma-separated.")
     downgraded_from: str | None = Field(None, description="The requested model, when CostGuard downgraded it.")
     attempt_log: list[AttemptRecord] = Field(default_factory=list)
+    content: Content | None = Field(None, description="Messages and answer; kept only with the user's consent.")
 
 
-_COLUMNS = [name for name in RequestRecord.model_fields if name != "attempt_log"]
+_COLUMNS = [name for name in RequestRecord.model_fields if name not in ("attempt_log", "content")]
 _ATTEMPT_COLUMNS = list(AttemptRecord.model_fields)
 _SQL_TYPES = {int: "INTEGER", float: "REAL", bool: "INTEGER"}
 _SCHEMA = """
@@ -135,7 +137,9 @@ class Ledger:
         self.db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
         self.db.execute("PRAGMA journal_mode=WAL")
         self.db.execute("PRAGMA synchronous=NORMAL")
-        self.db.executescript(_SCHEMA)
+        self.db.execute("PRAGMA secure_delete=ON")  # erased content is overwritten, not left in free pages
+        self.config = config
+        self.db.executescript(_SCHEMA + privacy.SCHEMA)
         _migrate(self.db)
         self._lock = asyncio.Lock()
         logger.info("Ledger open at %s", path)
@@ -148,8 +152,9 @@ class Ledger:
         """
         values = [tuple(getattr(r, c) for c in _COLUMNS) for r in rows]
         attempts = [(r.id, *(getattr(a, c) for c in _ATTEMPT_COLUMNS)) for r in rows for a in r.attempt_log]
+        content = [(r.id, r.tenant, r.user, r.created_at, r.content) for r in rows if r.content is not None]
         async with self._lock:
-            await asyncio.to_thread(self._write, values, attempts)
+            await asyncio.to_thread(self._write, values, attempts, content)
         return len(values)
 
     async def record_feedback(self, feedback: FeedbackRecord) -> bool:
@@ -183,11 +188,54 @@ class Ledger:
         async with self._lock:
             await asyncio.to_thread(self._read, "SELECT 1", [])
 
-    def _write(self, requests: list[tuple[object, ...]], attempts: list[tuple[object, ...]]) -> None:
+    def _write(self, requests: list[tuple[object, ...]], attempts: list[tuple[object, ...]],
+               content: list[tuple[str, str, str, float, Content]]) -> None:
         with self.db:
             self.db.execute("BEGIN")
             self.db.executemany(_INSERT_REQUEST, requests)
             self.db.executemany(_INSERT_ATTEMPT, attempts)
+            privacy.store_content(self.db, content, self.config.default_consent)
+
+    async def set_consent(self, tenant: str, user: str, consent: bool, actor: str) -> None:
+        """Record whether the ledger may keep a user's message content from now on (audited)."""
+        await self._privacy(lambda: privacy.set_consent(self.db, tenant, user, consent), "consent", tenant, user,
+                            actor, {"consent": consent})
+
+    async def export_user(self, tenant: str | None, user: str, actor: str) -> dict[str, object]:
+        """All the ledger holds about a user, as JSON (audited)."""
+        export = await self._privacy(lambda: privacy.export_user(self.db, tenant, user, _COLUMNS), "export", tenant,
+                                     user, actor, {})
+        return export  # type: ignore[no-any-return]
+
+    async def erase_user(self, tenant: str | None, user: str, actor: str) -> dict[str, int]:
+        """Erase a user's content, keep their usage under a pseudonym (audited with the counts)."""
+        async with self._lock:
+            return await asyncio.to_thread(self._erase, tenant, user, actor)
+
+    async def audit_log(self, limit: int = 100) -> list[AuditEntry]:
+        """Consent changes, exports and erasures, newest first."""
+        async with self._lock:
+            return await asyncio.to_thread(privacy.audit_log, self.db, limit)
+
+    async def _privacy(self, work: Callable[[], object], action: str, tenant: str | None, user: str, actor: str,
+                       detail: dict[str, object]) -> object:
+        def run() -> object:
+            with self.db:
+                self.db.execute("BEGIN")
+                result = work()
+                privacy.audit(self.db, action, tenant, user, actor, detail)
+            return result
+
+        async with self._lock:
+            return await asyncio.to_thread(run)
+
+    def _erase(self, tenant: str | None, user: str, actor: str) -> dict[str, int]:
+        with self.db:
+            self.db.execute("BEGIN")
+            counts = privacy.erase_user(self.db, tenant, user)
+            privacy.audit(self.db, "erase", tenant, user, actor, dict(counts))
+        self.db.execute("PRAGMA wal_checkpoint(TRUNCATE)")  # the WAL held the old pages
+        return counts
 
     def _write_feedback(self, feedback: FeedbackRecord) -> bool:
         owner = self.db.execute("SELECT key_id FROM requests WHERE id = ?", [feedback.request_id]).fetchone()

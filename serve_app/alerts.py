@@ -1,4 +1,4 @@
-"""Budget alerts: stored once per crossing in Redis, and sent to a webhook in the background.
+"""Alerts (budget thresholds, flood blocks, usage anomalies): stored once in Redis, sent to a webhook.
 
 CostGuard's ``settle`` reports each threshold crossing once (its Lua script
 decides, so exactly one Gateway replica learns of it). The Gateway hands the
@@ -35,6 +35,7 @@ import redis.asyncio as aioredis
 from pydantic import BaseModel, Field, NonNegativeFloat, PositiveFloat, PositiveInt, computed_field, field_validator
 
 from deployments.cost_guard_protocol import BudgetStatus, ThresholdCrossing
+from deployments.guard_protocol import Anomaly
 from serve_app.config_base import BaseConfig
 from serve_app.errors import RaygateError
 from serve_app.stores import map_redis_errors
@@ -45,7 +46,11 @@ __all__ = ["Alert", "AlertStore", "Alerter", "AlertsConfig", "WebhookSender"]
 
 Delivery = Literal["pending", "delivered", "failed", "unsent"]
 _RETRYABLE_STATUSES = frozenset({408, 425, 429})
-_PAYLOAD_FIELDS = {"id", "kind", "budget_id", "threshold", "period_start", "spent_fraction", "created_at", "message"}
+_PAYLOAD_FIELDS = {"id", "kind", "budget_id", "threshold", "period_start", "spent_fraction", "key_id", "created_at",
+                   "message"}
+_BUDGET_FIELDS = {"budget_id", "threshold", "period_start", "spent_fraction"}
+_KEY_FIELDS = {"key_id"}
+AlertKind = Literal["budget_threshold", "flood_block", "anomaly"]
 
 # KEYS: alerts hash, order zset. ARGV: id, json, created_at, keep_last. Returns 1 if stored, 0 if known.
 _RECORD_LUA = """
@@ -88,11 +93,12 @@ class AlertsConfig(BaseConfig):
 class Alert(BaseModel):
     """One alert as stored and listed (GET /admin/alerts)."""
 
-    id: str = Field(description="kind:budget:period start:threshold; the same crossing always gets the same id.")
-    kind: Literal["budget_threshold"] = "budget_threshold"
-    budget_id: str
-    threshold: float = Field(description="The spent fraction crossed, e.g. 0.8.")
-    period_start: datetime
+    id: str = Field(description="kind:subject:when; the same event always gets the same id, so it is sent once.")
+    kind: AlertKind = "budget_threshold"
+    budget_id: str | None = None
+    threshold: float | None = Field(None, description="The spent fraction crossed, e.g. 0.8 (budget alerts).")
+    period_start: datetime | None = None
+    key_id: str | None = Field(None, description="The API key (flood and anomaly alerts).")
     spent_fraction: float | None = Field(None, description="The budget's spent fraction when the alert was raised.")
     created_at: float = Field(description="Epoch seconds.")
     message: str
@@ -120,6 +126,23 @@ class Alert(BaseModel):
             message=f"raygate: budget '{crossing.budget_id}' reached {crossing.threshold:.0%} of its limit "
                     f"for the period starting {day}{spent}.",
         )
+
+    @classmethod
+    def for_flood(cls, key_id: str, created_at: float, until: float, *, delivery: Delivery) -> "Alert":
+        """Build the alert for a key the Guard blocked for a flood."""
+        ends = datetime.fromtimestamp(until).isoformat(timespec="seconds")
+        return cls(id=f"flood_block:{key_id}:{created_at!r}", kind="flood_block", key_id=key_id,
+                   created_at=created_at, delivery=delivery,
+                   message=f"raygate: key {key_id} sent a burst far above its usual rate and is blocked until {ends}.")
+
+    @classmethod
+    def for_anomaly(cls, anomaly: Anomaly, *, now: float, delivery: Delivery) -> "Alert":
+        """Build the alert for a key whose last minute stood out from its own history."""
+        action = " It is blocked." if anomaly.blocked else ""
+        return cls(id=f"anomaly:{anomaly.key_id}:{anomaly.minute_start!r}", kind="anomaly", key_id=anomaly.key_id,
+                   created_at=now, delivery=delivery,
+                   message=f"raygate: key {anomaly.key_id} made {anomaly.requests} requests in a minute, against "
+                           f"{anomaly.mean:.1f} usually (z-score {anomaly.z_score:.1f}).{action}")
 
 
 class AlertStore:
@@ -255,7 +278,8 @@ class WebhookSender:
         """POST once; return (error or None, whether the error is worth a retry)."""
         if self._session is None:
             self._session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=self.config.webhook_timeout_s))
-        body = {"text": alert.message, **alert.model_dump(mode="json", include=_PAYLOAD_FIELDS)}
+        fields = _PAYLOAD_FIELDS - (_KEY_FIELDS if alert.kind == "budget_threshold" else _BUDGET_FIELDS)
+        body = {"text": alert.message, **alert.model_dump(mode="json", include=fields)}
         try:
             async with self._session.post(
                 self.url, data=orjson.dumps(body),
@@ -307,10 +331,7 @@ class Alerter:
         """
         if not crossings:
             return None
-        task = asyncio.get_running_loop().create_task(self._notify(crossings))
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
-        return task
+        return self._spawn(self._notify(crossings))
 
     async def close(self, timeout_s: float = 5.0) -> None:
         """Give in-flight alerts up to ``timeout_s`` to be recorded and sent, then stop."""
@@ -321,14 +342,33 @@ class Alerter:
         if self.sender is not None:
             await self.sender.close(timeout_s=0)
 
+    @property
+    def delivery(self) -> Delivery:
+        """The state a new alert starts in."""
+        return "pending" if self.sender else "unsent"
+
+    def emit(self, alerts: builtins.list[Alert]) -> asyncio.Task[builtins.list[Alert]] | None:
+        """Record and send ready-made alerts (flood, anomaly) in the background; returns at once."""
+        if not alerts:
+            return None
+        return self._spawn(self._emit(alerts))
+
+    def _spawn(self, work: Awaitable[builtins.list[Alert]]) -> asyncio.Task[builtins.list[Alert]]:
+        task = asyncio.get_running_loop().create_task(work)  # type: ignore[arg-type]
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return task
+
     async def _notify(self, crossings: list[ThresholdCrossing]) -> list[Alert]:
         fractions = await self._fractions()
-        delivery: Delivery = "pending" if self.sender else "unsent"
-        now, new, sends = time.time(), [], []
-        for c in crossings:
-            alert = Alert.from_crossing(
-                c, spent_fraction=fractions.get((c.budget_id, c.period_start)), now=now, delivery=delivery
-            )
+        now = time.time()
+        return await self._emit([
+            Alert.from_crossing(c, spent_fraction=fractions.get((c.budget_id, c.period_start)), now=now,
+                                delivery=self.delivery) for c in crossings])
+
+    async def _emit(self, alerts: builtins.list[Alert]) -> builtins.list[Alert]:
+        new, sends = [], []
+        for alert in alerts:
             try:
                 created = await self.store.record(alert)
             except RaygateError:

@@ -172,6 +172,8 @@ class LedgerConfig(BaseConfig):
     """The usage ledger."""
 
     db_file: str = Field("ledger.sqlite3", description="SQLite file, relative to data_dir.")
+    default_consent: bool = Field(
+        False, description="Whether users who never set consent have their message content kept (GDPR: off).")
 
 
 Placement = Literal["embedded", "deployment"]

@@ -8,16 +8,14 @@ client's path and is batched.
 from __future__ import annotations
 
 import asyncio
-import base64
 import logging
 import os
 import time
 from collections.abc import AsyncIterator
 from typing import Any
 
-import numpy as np
 import orjson
-from fastapi import Depends, FastAPI, Request
+from fastapi import Depends, Request
 from fastapi.responses import Response, StreamingResponse
 from ray import serve
 from ray.serve.handle import DeploymentHandle
@@ -32,9 +30,11 @@ from deployments.guard import Guard, check_request_size
 from deployments.guard_protocol import GuardDecision
 from deployments.injection import InjectionDetector, Verdict, user_text
 from deployments.ledger import FeedbackRecord, LedgerBuffer, RequestRecord
+from deployments.privacy import Content
 from serve_app import __version__
 from serve_app.admin import router as admin_router
 from serve_app.cache_admin import router as cache_admin_router
+from serve_app.privacy_admin import router as privacy_admin_router
 from serve_app.cost_admin import router as cost_admin_router
 from serve_app.alerts import Alerter
 from serve_app.auth import APIKey, KeyStore
@@ -43,7 +43,6 @@ from serve_app.circuit import CircuitBreakers
 from serve_app.config import GatewayConfig, ModelConfig
 from serve_app.constants import (
     EMBEDDER_CALL_TIMEOUT_S,
-    HEALTH_CHECK_TIMEOUT_S,
     LEDGER_CALL_TIMEOUT_S,
     MODEL_CALL_TIMEOUT_S,
     FLAGS_HEADER,
@@ -57,7 +56,7 @@ from serve_app.errors import (
     RaygateError,
     UpstreamUnavailableError,
 )
-from serve_app.dispatch import Answer, Attempt, Dispatcher
+from serve_app.dispatch import Attempt, Dispatcher
 from serve_app.handles import call, next_item
 from serve_app.middleware import RequestContextMiddleware, install_cors, install_error_handlers
 from serve_app.placement import Placed
@@ -77,35 +76,15 @@ from serve_app.protocol import (
 )
 from serve_app.spend import TAG_HEADER, Spend, capped_request, estimate_prompt_tokens, parse_tags
 from serve_app.stores import redis_client
+from serve_app.http_parts import GatewayAPI, answer_headers, client_language, encode_vectors, probe
 from serve_app.streaming import sse_events
+from serve_app.watch import AnomalyWatcher, flood_alert
 
 logger = logging.getLogger(__name__)
 
 ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
     status: {"model": ErrorResponse} for status in (400, 401, 403, 404, 405, 413, 429, 500, 503)
 }
-
-def _drop_placeholder_examples(node: Any) -> Any:
-    if isinstance(node, dict):
-        return {k: _drop_placeholder_examples(v) for k, v in node.items() if not (k == "example" and v == {})}
-    if isinstance(node, list):
-        return [_drop_placeholder_examples(v) for v in node]
-    return node
-
-
-class GatewayAPI(FastAPI):
-    """FastAPI whose OpenAPI document survives ``@serve.ingress``'s pickled copy of the app.
-
-    The copy loses the identity of FastAPI's "unset" sentinel, so every parameter and body
-    would document ``"example": {}``; those placeholders are dropped.
-    """
-
-    def openapi(self) -> dict[str, Any]:
-        """The OpenAPI document, without placeholder examples."""
-        if self.openapi_schema is None:
-            self.openapi_schema = _drop_placeholder_examples(super().openapi())
-        return self.openapi_schema
-
 
 app = GatewayAPI(title="raygate", version=__version__, responses=ERROR_RESPONSES)
 # Outermost: every response, errors included, gets x-request-id; big bodies stop here.
@@ -114,41 +93,8 @@ install_error_handlers(app)
 app.include_router(admin_router)
 app.include_router(cost_admin_router)
 app.include_router(cache_admin_router)
+app.include_router(privacy_admin_router)
 app.state.max_body_bytes = 1_048_576
-
-
-async def _probe(check: Any) -> str:
-    """Await one health check; 'ok' or 'down'."""
-    try:
-        await asyncio.wait_for(check, HEALTH_CHECK_TIMEOUT_S)
-        return "ok"
-    except Exception:  # noqa: BLE001 - any failure means down
-        return "down"
-
-
-def _encode_vectors(vectors: list[list[float]], encoding_format: str) -> list[list[float]] | list[str]:
-    """Return vectors as floats, or as base64 of little-endian float32 (what the SDKs decode)."""
-    if encoding_format != "base64":
-        return vectors
-    return [base64.b64encode(np.asarray(v, dtype="<f4").tobytes()).decode("ascii") for v in vectors]
-
-
-def _language(request: Request) -> str | None:
-    """The primary tag of the client's first preferred language ("fr-FR,fr;q=0.9" -> "fr")."""
-    header = request.headers.get("accept-language", "")
-    tag = header.split(",", 1)[0].split(";", 1)[0].strip()
-    return tag.split("-", 1)[0].lower() or None
-
-
-def _answer_headers(answer: Answer, started: float) -> dict[str, str]:
-    """Which model answered, after how many calls, and what the gateway itself cost."""
-    overhead_ms = (time.perf_counter() - started - answer.upstream_s) * 1000
-    return {
-        MODEL_HEADER: answer.model.name,
-        "x-raygate-attempts": str(len(answer.attempts)),
-        "x-raygate-fallback": "true" if answer.model.name != answer.attempts[0].model else "false",
-        "x-raygate-overhead-ms": f"{max(overhead_ms, 0.0):.2f}",
-    }
 
 
 @serve.ingress(app)
@@ -187,6 +133,8 @@ class Gateway:
         self.alerter = Alerter(config.alerts, redis, budget_status=lambda: placed("budget_status"))
         self.spend = Spend(placed, on_crossings=self.alerter.notify)
         self.guard = Placed("Guard", guard or Guard(config.guard, redis_url), remote=guard is not None)
+        self.watcher = AnomalyWatcher(self.guard, self.alerter, redis,
+                                      config.guard.anomaly.scan_interval_s if config.guard.anomaly.enabled else 0)
         semantic = Placed("SemanticCache", semantic_cache, remote=True) if semantic_cache is not None else None
         self.cache = ResponseCache(config.cache, redis_url, semantic)
         self.injection = InjectionDetector(config.guard.injection, Placed("Embedder", embedder, remote=True,
@@ -213,6 +161,7 @@ class Gateway:
         record = RequestRecord(
             id=request.state.request_id, tenant=key.tenant, user=key.user, key_id=key.key_id,
             requested_model=body.model, stream=body.stream, tags=",".join(tags) or None,
+            content=Content(messages=[{"role": m.role, "content": m.text()} for m in body.messages]),
         )
         attempts: list[Attempt] = []
         estimated_tokens = estimate_prompt_tokens(body) + body.max_output_tokens(model.default_max_tokens)
@@ -221,6 +170,8 @@ class Gateway:
             limits: GuardDecision
             limits, verdict = await asyncio.gather(self.guard("check", key, estimated_tokens),
                                                    self._inspect(key, body))
+            self.watcher.start()
+            flood_alert(self.alerter, key, limits)
             if (denied := limits.to_error()) is not None:
                 raise denied
             record.flags = self._judge(key, verdict)
@@ -236,12 +187,12 @@ class Gateway:
             return self._serve_hit(hit, body, record, model, started, limits)
         record.cache_status = plan.status
         try:
-            answer = await self.dispatcher.first_answer(body, model, attempts, _language(request))
+            answer = await self.dispatcher.first_answer(body, model, attempts, client_language(request))
         except RaygateError as exc:
             self._record(record, started, None, None, exc, attempts)
             exc.headers = {**exc.headers, "x-raygate-attempts": str(len(attempts))}
             raise
-        headers = {**_answer_headers(answer, started), **limits.headers(), CACHE_HEADER: plan.status}
+        headers = {**answer_headers(answer, started), **limits.headers(), CACHE_HEADER: plan.status}
         if record.flags:
             headers[FLAGS_HEADER] = record.flags
         if record.downgraded_from:
@@ -251,6 +202,7 @@ class Gateway:
             self._correct_tokens(key, answer.first.usage, estimated_tokens, limits)
             self._record(record, started, answer.model, answer.first.usage, None, attempts)
             choice = answer.first.choices[0]
+            record.content.answer = choice.message.content  # type: ignore[union-attr]
             self._cache_store(plan, choice.message.content, choice.finish_reason, answer.model, answer.first.usage,
                               record, category)
             return Response(orjson.dumps(answer.first.model_dump(mode="json")), media_type="application/json",
@@ -258,6 +210,7 @@ class Gateway:
         collected = StreamCollector()
 
         def on_end(usage: UsageInfo | None, error: RaygateError | None) -> None:
+            record.content.answer = collected.text()  # type: ignore[union-attr]
             self._correct_tokens(key, usage, estimated_tokens, limits)
             self._record(record, started, answer.model, usage, error, attempts)
             if error is None and usage is not None:
@@ -303,7 +256,7 @@ class Gateway:
         vectors, tokens = await call(self.embedder.embed.remote(texts), EMBEDDER_CALL_TIMEOUT_S, "Embedder")
         if body.dimensions is not None and body.dimensions != len(vectors[0]):
             raise InvalidRequestError(f"This model only supports dimensions={len(vectors[0])}.", param="dimensions")
-        encoded = _encode_vectors(vectors, body.encoding_format)
+        encoded = encode_vectors(vectors, body.encoding_format)
         data = [EmbeddingData(index=i, embedding=e) for i, e in enumerate(encoded)]
         return EmbeddingResponse(data=data, model=body.model, usage=EmbeddingUsage(prompt_tokens=tokens, total_tokens=tokens))
 
@@ -314,7 +267,7 @@ class Gateway:
         checks["embedder"] = self.embedder.check_health.remote()
         checks["ledger"] = self.ledger.check_health.remote()
         checks["redis"] = self.keys.redis.ping()
-        results = await asyncio.gather(*(_probe(c) for c in checks.values()))
+        results = await asyncio.gather(*(probe(c) for c in checks.values()))
         status = dict(zip(checks, results))
         optional = {f"model:{m.name}" for m in self.config.models if not m.required}
         healthy = all(ok == "ok" for name, ok in status.items() if name not in optional)
@@ -325,6 +278,7 @@ class Gateway:
                    started: float, limits: GuardDecision) -> Response:
         """Answer from the cache at once (streamed if asked): nothing billed, the saving recorded."""
         record.cache_status = hit.status
+        record.content.answer = hit.entry.content  # type: ignore[union-attr]
         record.saved_usd = model.cost_usd(hit.entry.usage.prompt_tokens, hit.entry.usage.completion_tokens)
         self.spend.background.spawn(self.cache.count(hit.status, record.saved_usd))
         self._record(record, started, model, UsageInfo.of(0, 0), None, [])
@@ -376,6 +330,7 @@ class Gateway:
     async def __del__(self) -> None:
         """Serve calls this when the replica stops: buffered ledger rows are not lost."""
         await self.spend.close()
+        await self.watcher.close()
         await self.guard.close()
         await self.alerter.close()
         await self.cache.close()

@@ -1,0 +1,78 @@
+"""The Guard's findings as alerts: flood blocks as they happen, usage anomalies once a minute.
+
+Every Gateway replica runs an ``AnomalyWatcher``, but a Redis lock per minute lets one
+of them score the keys; alert ids name the key and the minute, so the alert store
+records (and the webhook receives) each finding once whichever replica reports it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+
+import redis.asyncio as aioredis
+
+from deployments.guard_protocol import GuardDecision
+from serve_app.alerts import Alert, Alerter
+from serve_app.auth import APIKey
+from serve_app.placement import Placed
+
+logger = logging.getLogger(__name__)
+
+
+def flood_alert(alerter: Alerter, key: APIKey, decision: GuardDecision) -> None:
+    """Alert on the request that got its key blocked for a flood (the Guard reports it once)."""
+    if decision.reason == "flood" and decision.blocked_until is not None:
+        alerter.emit([Alert.for_flood(key.key_id, decision.checked_at, decision.blocked_until,
+                                      delivery=alerter.delivery)])
+
+
+class AnomalyWatcher:
+    """Scores every active key's last minute (``Guard.anomalies``) and alerts on the outliers.
+
+    Args:
+        guard: the Guard, placed.
+        alerter: where alerts go.
+        redis: for the once-a-minute lock.
+        interval_s: how often to look; 0 turns the watcher off.
+        lock_key: the lock's name (tests use their own).
+    """
+
+    def __init__(self, guard: Placed, alerter: Alerter, redis: aioredis.Redis, interval_s: float,
+                 lock_key: str = "raygate:guard:anomaly-scan") -> None:
+        self.guard, self.alerter, self.redis = guard, alerter, redis
+        self.interval_s = interval_s
+        self.lock_key = lock_key
+        self._task: asyncio.Task[None] | None = None
+
+    def start(self) -> None:
+        """Start the background loop once (called from a request, so a loop is running)."""
+        if self._task is None and self.interval_s > 0:
+            self._task = asyncio.get_running_loop().create_task(self._run())
+
+    async def scan_once(self, now: float | None = None) -> list[Alert]:
+        """Score the last full minute if no other replica has; alert on what is found."""
+        now = time.time() if now is None else now
+        minute = int(now // 60)
+        if not await self.redis.set(f"{self.lock_key}:{minute}", "1", nx=True, ex=120):
+            return []
+        anomalies = await self.guard("anomalies", now)
+        alerts = [Alert.for_anomaly(a, now=now, delivery=self.alerter.delivery) for a in anomalies]
+        task = self.alerter.emit(alerts)
+        return await task if task is not None else []
+
+    async def close(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+
+    async def _run(self) -> None:
+        while True:
+            await asyncio.sleep(self.interval_s)
+            try:
+                await self.scan_once()
+            except Exception as exc:  # noqa: BLE001 - Redis or the Guard down: the next minute tries again
+                logger.warning("Anomaly scan failed: %s", type(exc).__name__)
