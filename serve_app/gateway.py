@@ -165,19 +165,24 @@ class Gateway:
         )
         attempts: list[Attempt] = []
         estimated_tokens = estimate_prompt_tokens(body) + body.max_output_tokens(model.default_max_tokens)
+        # The injection check (an Embedder call) runs alongside the limit checks and the reservation.
+        inspection = asyncio.ensure_future(self._inspect(key, body))
         try:
             check_request_size(self.config.guard, body)
-            limits: GuardDecision
-            limits, verdict = await asyncio.gather(self.guard("check", key, estimated_tokens),
-                                                   self._inspect(key, body))
+            limits: GuardDecision = await self.guard("check", key, estimated_tokens)
             self.watcher.start()
             flood_alert(self.alerter, key, limits)
             if (denied := limits.to_error()) is not None:
                 raise denied
-            record.flags = self._judge(key, verdict)
             decision = await self.spend.reserve(record.id, key, body, model, tags)
         except RaygateError as exc:
+            inspection.cancel()
             self._record(record, started, None, None, exc, attempts, reserved=False)
+            raise
+        try:
+            record.flags = self._judge(key, await inspection)
+        except RaygateError as exc:
+            self._record(record, started, None, None, exc, attempts)  # releases the reservation
             raise
         if decision.model is not None and decision.model != model.name:
             record.downgraded_from, model = model.name, self._model(decision.model)

@@ -261,6 +261,7 @@ def test_rate_limit_is_exact_across_two_gateway_replicas(costs: dict[str, Any]) 
     denied = [r for r in responses if r.status_code == 429]
     assert len(allowed) == RPM and len(denied) == 2 * RPM
     assert {r.json()["error"]["code"] for r in denied} == {"rate_limit_exceeded"}
-    assert all(1 <= int(r.headers["retry-after"]) <= 60 for r in denied)
+    # Up to two minutes: a burst just after a minute starts waits for that minute to slide out too.
+    assert all(1 <= int(r.headers["retry-after"]) <= 120 for r in denied)
     assert all(r.headers["x-ratelimit-limit-requests"] == str(RPM) for r in allowed + denied)
     assert sorted(int(r.headers["x-ratelimit-remaining-requests"]) for r in allowed) == list(range(RPM))

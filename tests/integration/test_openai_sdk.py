@@ -13,6 +13,8 @@ from tests.integration.conftest import UPSTREAM_KEY, Deployed, create_key
 pytestmark = pytest.mark.integration
 
 MESSAGES = [{"role": "system", "content": "You are terse."}, {"role": "user", "content": "Say hello to the farm"}]
+# The engines are under test here, not the response cache.
+NO_CACHE = {"Cache-Control": "no-cache, no-store"}
 
 
 def client(deployed: Deployed, key: str | None = None) -> openai.OpenAI:
@@ -26,7 +28,7 @@ def aclient(deployed: Deployed) -> openai.AsyncOpenAI:
 @pytest.mark.parametrize("model", ["tiny", "echo"])
 def test_chat_non_streaming(deployed: Deployed, model: str) -> None:
     raw = client(deployed).chat.completions.with_raw_response.create(model=model, messages=MESSAGES, max_tokens=8,
-                                                                    temperature=0)
+                                                                    temperature=0, extra_headers=NO_CACHE)
     completion = raw.parse()
     assert completion.model == model
     assert completion.choices[0].message.role == "assistant"
@@ -42,7 +44,7 @@ def test_chat_non_streaming(deployed: Deployed, model: str) -> None:
 def test_chat_streaming_with_usage_chunk(deployed: Deployed, model: str) -> None:
     chunks = list(client(deployed).chat.completions.create(
         model=model, messages=MESSAGES, max_tokens=8, temperature=0, stream=True,
-        stream_options={"include_usage": True}))
+        stream_options={"include_usage": True}, extra_headers=NO_CACHE))
     content_chunks, usage_chunk = chunks[:-1], chunks[-1]
     assert content_chunks[0].choices[0].delta.role == "assistant"
     assert all(c.usage is None for c in content_chunks)
@@ -61,9 +63,11 @@ def test_stream_without_include_usage_sends_no_usage(deployed: Deployed) -> None
 
 def test_stream_and_non_stream_agree_for_greedy_tiny(deployed: Deployed) -> None:
     c = client(deployed)
-    whole = c.chat.completions.create(model="tiny", messages=MESSAGES, max_tokens=12, temperature=0)
+    whole = c.chat.completions.create(model="tiny", messages=MESSAGES, max_tokens=12, temperature=0,
+                                      extra_headers=NO_CACHE)
     streamed = "".join(ch.choices[0].delta.content or "" for ch in c.chat.completions.create(
-        model="tiny", messages=MESSAGES, max_tokens=12, temperature=0, stream=True) if ch.choices)
+        model="tiny", messages=MESSAGES, max_tokens=12, temperature=0, stream=True, extra_headers=NO_CACHE)
+        if ch.choices)
     assert streamed == whole.choices[0].message.content
 
 

@@ -37,7 +37,8 @@ def vllm_client(deployed: Deployed, session_data_dir: Path) -> openai.OpenAI:
 
 def test_vllm_chat_with_usage(vllm_client: openai.OpenAI) -> None:
     raw = vllm_client.chat.completions.with_raw_response.create(model="tiny-vllm", messages=MESSAGES, max_tokens=6,
-                                                                temperature=0)
+                                                                temperature=0,
+                                                                extra_headers={"Cache-Control": "no-cache, no-store"})
     completion = raw.parse()
     assert raw.headers["x-raygate-model"] == "tiny-vllm"
     assert completion.usage.completion_tokens <= 6 and completion.usage.prompt_tokens > 0
@@ -45,9 +46,11 @@ def test_vllm_chat_with_usage(vllm_client: openai.OpenAI) -> None:
 
 
 def test_vllm_stream_matches_non_stream(vllm_client: openai.OpenAI) -> None:
-    whole = vllm_client.chat.completions.create(model="tiny-vllm", messages=MESSAGES, max_tokens=10, temperature=0)
+    no_cache = {"Cache-Control": "no-cache, no-store"}  # the engine is under test, not the response cache
+    whole = vllm_client.chat.completions.create(model="tiny-vllm", messages=MESSAGES, max_tokens=10, temperature=0,
+                                                extra_headers=no_cache)
     chunks = list(vllm_client.chat.completions.create(model="tiny-vllm", messages=MESSAGES, max_tokens=10,
-                                                      temperature=0, stream=True,
+                                                      temperature=0, stream=True, extra_headers=no_cache,
                                                       stream_options={"include_usage": True}))
     text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
     assert text == whole.choices[0].message.content
