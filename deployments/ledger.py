@@ -71,6 +71,8 @@ class RequestRecord(BaseModel):
     cache_status: str | None = Field(None, description="hit, semantic-hit, miss or bypass.")
     saved_usd: float = Field(0.0, description="What a cache hit saved: the original call's price.")
     flags: str | None = Field(None, description="Guard flags, e.g. prompt_injection:pattern:override.")
+    rag_ms: float | None = Field(None, description="Time spent retrieving, when the request used RAG.")
+    rag_chunks: str | None = Field(None, description="The chunks given as sources, 'document#chunk' comma-separated.")
     route: str | None = None
     attempts: int = 0
     fallback: bool = False
@@ -207,10 +209,12 @@ class Ledger:
                                      user, actor, {})
         return export  # type: ignore[no-any-return]
 
-    async def erase_user(self, tenant: str | None, user: str, actor: str) -> dict[str, int]:
-        """Erase a user's content, keep their usage under a pseudonym (audited with the counts)."""
+    async def erase_user(self, tenant: str | None, user: str, actor: str,
+                         elsewhere: dict[str, int] | None = None) -> dict[str, int]:
+        """Erase a user's content, keep their usage under a pseudonym (audited with the counts, and what
+        was erased in other stores)."""
         async with self._lock:
-            return await asyncio.to_thread(self._erase, tenant, user, actor)
+            return await asyncio.to_thread(self._erase, tenant, user, actor, elsewhere or {})
 
     async def audit_log(self, limit: int = 100) -> list[AuditEntry]:
         """Consent changes, exports and erasures, newest first."""
@@ -229,11 +233,11 @@ class Ledger:
         async with self._lock:
             return await asyncio.to_thread(run)
 
-    def _erase(self, tenant: str | None, user: str, actor: str) -> dict[str, int]:
+    def _erase(self, tenant: str | None, user: str, actor: str, elsewhere: dict[str, int]) -> dict[str, int]:
         with self.db:
             self.db.execute("BEGIN")
             counts = privacy.erase_user(self.db, tenant, user)
-            privacy.audit(self.db, "erase", tenant, user, actor, dict(counts))
+            privacy.audit(self.db, "erase", tenant, user, actor, {**counts, **elsewhere})
         self.db.execute("PRAGMA wal_checkpoint(TRUNCATE)")  # the WAL held the old pages
         return counts
 

@@ -1,4 +1,4 @@
-"""The ``raygate`` command: ``up``, ``keys``, ``make-tiny-model``."""
+"""The ``raygate`` command: ``up``, ``keys``, ``ingest``, ``make-tiny-model``."""
 
 from __future__ import annotations
 
@@ -65,6 +65,13 @@ def _parser() -> argparse.ArgumentParser:
     revoke.add_argument("key")
     keys_sub.add_parser("list", help="list keys (ids, never secrets)")
 
+    ingest = sub.add_parser("ingest", help="upload a file or folder of documents to a RAG collection")
+    ingest.add_argument("path", type=Path)
+    ingest.add_argument("--collection", required=True)
+    ingest.add_argument("--tenant", default=None, help="act for this tenant (needs an admin key)")
+    ingest.add_argument("--url", default=os.environ.get("RAYGATE_URL", "http://127.0.0.1:8000"))
+    ingest.add_argument("--api-key", default=os.environ.get("RAYGATE_API_KEY"), help="default $RAYGATE_API_KEY")
+
     tiny = sub.add_parser("make-tiny-model", help="build the tiny test model offline")
     tiny.add_argument("dir", type=Path)
     tiny.add_argument("--seed", type=int, default=0)
@@ -80,6 +87,12 @@ def main(argv: list[str] | None = None) -> int:
         return up(args.config.resolve(), default_data_dir())
     if args.command == "keys":
         return asyncio.run(_keys(args))
+    if args.command == "ingest":
+        from serve_app.ingest import ingest
+
+        if not args.api_key:
+            sys.exit("raygate ingest needs an API key: --api-key or $RAYGATE_API_KEY.")
+        return 1 if ingest(args.path, args.collection, url=args.url, api_key=args.api_key, tenant=args.tenant) else 0
     from deployments.models.tiny import make_tiny_model
 
     print(make_tiny_model(args.dir, seed=args.seed))

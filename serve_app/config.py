@@ -17,6 +17,7 @@ from serve_app.cache_config import CacheConfig
 from serve_app.config_base import BaseConfig
 from serve_app.cost_config import CostGuardConfig
 from serve_app.guard_config import GuardConfig
+from serve_app.rag_config import RetrieverConfig
 
 __all__ = ["BaseConfig", "GatewayConfig", "ModelConfig"]
 
@@ -144,6 +145,8 @@ class GatewaySettings(BaseConfig):
     """Ingress behaviour."""
 
     max_body_bytes: PositiveInt = Field(1_048_576, description="Larger request bodies get a 413.")
+    max_upload_bytes: PositiveInt = Field(
+        50 * 1_048_576, description="The same for document uploads (POST /v1/collections/{name}/documents).")
     admin_key_env: str = Field("RAYGATE_ADMIN_KEY", description="Env var with a bootstrap admin key.")
     ledger_flush_interval_s: PositiveFloat = Field(0.5, description="Ledger rows are sent in batches this often.")
     ledger_batch_size: PositiveInt = Field(256, description="... or when this many are buffered.")
@@ -198,6 +201,7 @@ class GatewayConfig(BaseConfig):
     alerts: AlertsConfig = Field(default_factory=AlertsConfig)
     guard: GuardConfig = Field(default_factory=GuardConfig)
     cache: CacheConfig = Field(default_factory=CacheConfig)
+    retriever: RetrieverConfig = Field(default_factory=RetrieverConfig)
     placement: PlacementConfig = Field(default_factory=PlacementConfig)
 
     @model_validator(mode="after")

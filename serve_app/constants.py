@@ -16,3 +16,4 @@ REQUEST_ID_HEADER: Final = "x-request-id"
 MODEL_HEADER: Final = "x-raygate-model"
 APP_NAME: Final = "raygate"
 FLAGS_HEADER: Final = "x-raygate-flags"
+RETRIEVER_CALL_TIMEOUT_S: Final = 120.0  # ingestion embeds whole documents

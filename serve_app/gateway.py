@@ -35,6 +35,7 @@ from serve_app import __version__
 from serve_app.admin import router as admin_router
 from serve_app.cache_admin import router as cache_admin_router
 from serve_app.privacy_admin import router as privacy_admin_router
+from serve_app.rag_routes import router as rag_router
 from serve_app.cost_admin import router as cost_admin_router
 from serve_app.alerts import Alerter
 from serve_app.auth import APIKey, KeyStore
@@ -57,6 +58,7 @@ from serve_app.errors import (
     UpstreamUnavailableError,
 )
 from serve_app.dispatch import Attempt, Dispatcher
+from serve_app.grounding import Grounding, ground
 from serve_app.handles import call, next_item
 from serve_app.middleware import RequestContextMiddleware, install_cors, install_error_handlers
 from serve_app.placement import Placed
@@ -88,13 +90,15 @@ ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
 
 app = GatewayAPI(title="raygate", version=__version__, responses=ERROR_RESPONSES)
 # Outermost: every response, errors included, gets x-request-id; big bodies stop here.
-app.add_middleware(RequestContextMiddleware, max_body_bytes=lambda: app.state.max_body_bytes)
+app.add_middleware(RequestContextMiddleware, max_body_bytes=lambda path: app.state.max_upload_bytes
+                   if path.endswith("/documents") else app.state.max_body_bytes)
 install_error_handlers(app)
 app.include_router(admin_router)
 app.include_router(cost_admin_router)
 app.include_router(cache_admin_router)
 app.include_router(privacy_admin_router)
-app.state.max_body_bytes = 1_048_576
+app.include_router(rag_router)
+app.state.max_body_bytes = app.state.max_upload_bytes = 1_048_576
 
 
 @serve.ingress(app)
@@ -110,6 +114,7 @@ class Gateway:
         cost_guard: CostGuard's handle when it is placed as a deployment; None embeds it here.
         guard: the Guard's handle when it is placed as a deployment; None embeds it here.
         semantic_cache: the SemanticCache's handle; None keeps the cache exact-only.
+        retriever: the Retriever's handle; None turns RAG off.
     """
 
     def __init__(
@@ -122,6 +127,7 @@ class Gateway:
         cost_guard: DeploymentHandle | None = None,
         guard: DeploymentHandle | None = None,
         semantic_cache: DeploymentHandle | None = None,
+        retriever: DeploymentHandle | None = None,
     ) -> None:
         self.config = config
         redis = redis_client(redis_url)
@@ -140,6 +146,7 @@ class Gateway:
         self.injection = InjectionDetector(config.guard.injection, Placed("Embedder", embedder, remote=True,
                                                                           timeout_s=EMBEDDER_CALL_TIMEOUT_S))
         self.embedder = embedder
+        self.retriever = retriever
         self.ledger = ledger
         self.ledger_buffer = LedgerBuffer(
             self._send_to_ledger,
@@ -148,6 +155,7 @@ class Gateway:
         )
         app.state.gateway = self
         app.state.max_body_bytes = config.gateway.max_body_bytes
+        app.state.max_upload_bytes = config.gateway.max_upload_bytes
         install_cors(app, config.gateway.cors_allow_origins)
 
     @app.post("/v1/chat/completions", response_model=ChatCompletionResponse)
@@ -179,17 +187,22 @@ class Gateway:
             inspection.cancel()
             self._record(record, started, None, None, exc, attempts, reserved=False)
             raise
+        grounding: Grounding | None = None
         try:
             record.flags = self._judge(key, await inspection)
+            if (rag := body.rag or self.config.retriever.tenant_defaults.get(key.tenant)) and self.retriever:
+                body, grounding = await ground(self.retriever, key.tenant, body, rag)
+                record.rag_ms, record.rag_chunks = grounding.ms, grounding.chunk_ids
         except RaygateError as exc:
             self._record(record, started, None, None, exc, attempts)  # releases the reservation
             raise
+        extension = grounding.extension() if grounding else None
         if decision.model is not None and decision.model != model.name:
             record.downgraded_from, model = model.name, self._model(decision.model)
         body = capped_request(body, decision)
         plan = self.cache.plan(body, key.tenant, model.name, request.headers.get("cache-control"))
         if (hit := await self.cache.lookup(plan)) is not None:
-            return self._serve_hit(hit, body, record, model, started, limits)
+            return self._serve_hit(hit, body, record, model, started, limits, extension)
         record.cache_status = plan.status
         try:
             answer = await self.dispatcher.first_answer(body, model, attempts, client_language(request))
@@ -210,8 +223,8 @@ class Gateway:
             record.content.answer = choice.message.content  # type: ignore[union-attr]
             self._cache_store(plan, choice.message.content, choice.finish_reason, answer.model, answer.first.usage,
                               record, category)
-            return Response(orjson.dumps(answer.first.model_dump(mode="json")), media_type="application/json",
-                            headers=headers)
+            payload = answer.first.model_copy(update={"raygate": extension}).model_dump(mode="json")
+            return Response(orjson.dumps(payload), media_type="application/json", headers=headers)
         collected = StreamCollector()
 
         def on_end(usage: UsageInfo | None, error: RaygateError | None) -> None:
@@ -224,7 +237,7 @@ class Gateway:
 
         collected.add(answer.first)
         events = sse_events(answer.first, lambda: collected.wrap(self._rest(answer.stream, answer.model)),
-                            include_usage=body.include_usage(), on_end=on_end)
+                            include_usage=body.include_usage(), on_end=on_end, extension=extension)
         return StreamingResponse(events, media_type="text/event-stream", headers=headers)
 
     @app.get("/v1/usage", response_model=UsageReport)
@@ -280,7 +293,7 @@ class Gateway:
         return Response(orjson.dumps(body), status_code=200 if healthy else 503, media_type="application/json")
 
     def _serve_hit(self, hit: CacheHit, body: ChatCompletionRequest, record: RequestRecord, model: ModelConfig,
-                   started: float, limits: GuardDecision) -> Response:
+                   started: float, limits: GuardDecision, extension: dict[str, Any] | None) -> Response:
         """Answer from the cache at once (streamed if asked): nothing billed, the saving recorded."""
         record.cache_status = hit.status
         record.content.answer = hit.entry.content  # type: ignore[union-attr]
@@ -290,7 +303,8 @@ class Gateway:
         headers = {MODEL_HEADER: hit.entry.model, CACHE_HEADER: hit.status, "x-raygate-attempts": "0",
                    **limits.headers(), **({FLAGS_HEADER: record.flags} if record.flags else {})}
         if not body.stream:
-            payload = completion_from(hit, record.id).model_dump(mode="json") | {"raygate": hit.extension()}
+            payload = completion_from(hit, record.id).model_dump(mode="json") | {
+                "raygate": {**hit.extension(), **(extension or {})}}
             return Response(orjson.dumps(payload), media_type="application/json", headers=headers)
         first, *rest = replay_chunks(hit, record.id)
 
@@ -298,7 +312,8 @@ class Gateway:
             for chunk in rest:
                 yield chunk
 
-        events = sse_events(first, replay, include_usage=body.include_usage(), on_end=lambda usage, error: None)
+        events = sse_events(first, replay, include_usage=body.include_usage(), on_end=lambda usage, error: None,
+                            extension=extension)
         return StreamingResponse(events, media_type="text/event-stream", headers=headers)
 
     def _cache_store(self, plan: CachePlan, content: str | None, finish_reason: Any, model: ModelConfig,

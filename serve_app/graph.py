@@ -11,6 +11,7 @@ from ray.serve import Application
 from ray.serve.deployment import Deployment
 
 from deployments.cost_guard import CostGuard
+from deployments.retriever import Retriever
 from deployments.semantic_cache import SemanticCache
 from deployments.embedder import Embedder
 from deployments.guard import Guard
@@ -34,7 +35,8 @@ DEFAULT_LEDGER_OPTIONS: dict[str, Any] = {"num_replicas": 1, "max_ongoing_reques
                                           "ray_actor_options": {"num_cpus": 0}}
 DEFAULT_COMPONENT_OPTIONS: dict[str, Any] = {"num_replicas": 1, "max_ongoing_requests": 256,
                                              "ray_actor_options": {"num_cpus": 0}}
-# One replica: Qdrant's local mode lets one process open its dir (with QDRANT_URL it may scale out).
+# SemanticCache and Retriever: one replica each, as Qdrant's local mode lets one process open a dir
+# (with QDRANT_URL they may scale out).
 DEFAULT_SEMANTIC_CACHE_OPTIONS: dict[str, Any] = {"num_replicas": 1, "max_ongoing_requests": 128,
                                                   "ray_actor_options": {"num_cpus": 0}}
 
@@ -71,6 +73,11 @@ def build_component_deployments(config: GatewayConfig, redis_url: str, embedder:
         deployment = serve.deployment(SemanticCache, name="SemanticCache", **DEFAULT_SEMANTIC_CACHE_OPTIONS)
         components["semantic_cache"] = deployment.bind(config.cache, stores.qdrant_url, stores.data_dir,
                                                        stores.qdrant_path, embedder)
+    if config.retriever.enabled:
+        stores = config.stores
+        deployment = serve.deployment(Retriever, name="Retriever", **DEFAULT_SEMANTIC_CACHE_OPTIONS)
+        components["retriever"] = deployment.bind(config.retriever, config.embedder, stores.qdrant_url,
+                                                  stores.data_dir, stores.qdrant_path, embedder)
     if config.placement.cost_guard == "deployment":
         deployment = serve.deployment(CostGuard, name="CostGuard", **DEFAULT_COMPONENT_OPTIONS)
         components["cost_guard"] = deployment.bind(config.cost_guard, redis_url, config.prices())

@@ -43,17 +43,14 @@ class RequestContextMiddleware:
 
     Args:
         app: the wrapped ASGI app.
-        max_body_bytes: returns the limit; larger bodies are refused with 413. A callable,
-            because the limit comes from config that the Gateway receives after import.
+        max_body_bytes: returns the limit for a request path; larger bodies are refused with 413.
+            A callable, because the limit comes from config that the Gateway receives after
+            import, and document uploads may be larger than API calls.
     """
 
-    def __init__(self, app: ASGIApp, max_body_bytes: Callable[[], int]) -> None:
+    def __init__(self, app: ASGIApp, max_body_bytes: Callable[[str], int]) -> None:
         self.app = app
         self._limit = max_body_bytes
-
-    @property
-    def max_body_bytes(self) -> int:
-        return self._limit()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -73,12 +70,13 @@ class RequestContextMiddleware:
             await send(message)
 
         length = headers.get("content-length", "")
-        if length.isdigit() and int(length) > self.max_body_bytes:
-            await error_response(self._too_large())(scope, receive, send_with_id)
+        limit = self._limit(scope.get("path", ""))
+        if length.isdigit() and int(length) > limit:
+            await error_response(self._too_large(limit))(scope, receive, send_with_id)
             return
-        await self.app(scope, self._limited(receive), send_with_id)
+        await self.app(scope, self._limited(receive, limit), send_with_id)
 
-    def _limited(self, receive: Receive) -> Receive:
+    def _limited(self, receive: Receive, limit: int) -> Receive:
         """Count body bytes of chunked uploads, which carry no Content-Length."""
         seen = 0
 
@@ -87,14 +85,15 @@ class RequestContextMiddleware:
             message = await receive()
             if message["type"] == "http.request":
                 seen += len(message.get("body", b""))
-                if seen > self.max_body_bytes:
-                    raise self._too_large()
+                if seen > limit:
+                    raise self._too_large(limit)
             return message
 
         return limited_receive
 
-    def _too_large(self) -> RequestTooLargeError:
-        return RequestTooLargeError(f"Request body is larger than the limit of {self.max_body_bytes} bytes.")
+    @staticmethod
+    def _too_large(limit: int) -> RequestTooLargeError:
+        return RequestTooLargeError(f"Request body is larger than the limit of {limit} bytes.")
 
 
 def _validation_error(exc: RequestValidationError) -> InvalidRequestError:

@@ -1,9 +1,9 @@
 """Admin routes (admin key only) for users' personal data: consent, export, erasure, and the audit log.
 
 An erasure reaches every store holding a user's content: the ledger (messages and
-answers deleted, feedback comments blanked, usage rows pseudonymised) and the
-response cache (exact entries and their semantic points). Each action is audited
-with the admin key that asked.
+answers deleted, feedback comments blanked, usage rows pseudonymised), the response
+cache (exact entries and their semantic points) and the RAG documents the user
+ingested. Each action is audited with the admin key that asked.
 """
 
 from __future__ import annotations
@@ -17,7 +17,9 @@ from deployments.cache_protocol import Selector
 from deployments.privacy import AuditEntry
 from serve_app.admin import _ledger
 from serve_app.auth import APIKey
+from serve_app.constants import RETRIEVER_CALL_TIMEOUT_S
 from serve_app.deps import get_gateway, require_admin
+from serve_app.handles import call
 from serve_app.stores import map_redis_errors
 
 if TYPE_CHECKING:
@@ -55,8 +57,13 @@ async def erase_user(user: str = UserId, tenant: str | None = TenantQuery, admin
     """Erase the user's content from the ledger and the cache; usage stays under a pseudonym."""
     async with map_redis_errors("cache erase"):
         cached = await gateway.cache.invalidate(Selector(tenant=tenant, user=user))
-    ledger: dict[str, int] = await _ledger(gateway, "erase_user", tenant, user, admin.key_id)
-    return {"object": "user.erasure", "user": user, "tenant": tenant, "ledger": ledger, "cache_entries": cached}
+    chunks = 0
+    if gateway.retriever is not None:
+        chunks = await call(gateway.retriever.erase_user.remote(tenant, user), RETRIEVER_CALL_TIMEOUT_S, "Retriever")
+    ledger: dict[str, int] = await _ledger(gateway, "erase_user", tenant, user, admin.key_id,
+                                           {"cache_entries": cached, "rag_chunks": chunks})
+    return {"object": "user.erasure", "user": user, "tenant": tenant, "ledger": ledger, "cache_entries": cached,
+            "rag_chunks": chunks}
 
 
 @router.get("/audit", response_model=list[AuditEntry])

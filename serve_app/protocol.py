@@ -14,6 +14,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from deployments.retriever_protocol import RagOptions
+
 logger = logging.getLogger(__name__)
 
 # The largest output budget a request may ask for (int32): above any context window, and small enough
@@ -104,6 +106,7 @@ class ChatCompletionRequest(OpenAIBaseModel):
     temperature: float | None = Field(default=None, ge=0.0, le=2.0)
     top_p: float | None = Field(default=None, gt=0.0, le=1.0)
     user: str | None = None
+    rag: RagOptions | None = Field(default=None, description="raygate extension: ground the answer in a collection.")
 
     @field_validator("stop")
     @classmethod
@@ -174,6 +177,8 @@ class ChatCompletionResponse(BaseModel):
     model: str
     choices: list[ChatCompletionChoice]
     usage: UsageInfo
+    raygate: dict[str, Any] | None = Field(default=None, exclude_if=lambda v: v is None,
+                                           description="raygate extension: cache status, citations.")
 
 
 class DeltaMessage(BaseModel):
@@ -196,6 +201,8 @@ class ChatCompletionStreamResponse(BaseModel):
     model: str
     choices: list[ChatCompletionStreamChoice]
     usage: UsageInfo | None = None
+    raygate: dict[str, Any] | None = Field(default=None, exclude_if=lambda v: v is None,
+                                           description="raygate extension, on the final chunk: citations.")
 
 
 class ModelCard(BaseModel):

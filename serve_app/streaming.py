@@ -26,6 +26,7 @@ async def sse_events(
     *,
     include_usage: bool,
     on_end: Callable[[UsageInfo | None, RaygateError | None], Any],
+    extension: dict[str, Any] | None = None,
 ) -> AsyncIterator[bytes]:
     """Turn an engine's chunks into the client's SSE stream.
 
@@ -39,6 +40,8 @@ async def sse_events(
         rest: returns the remaining items.
         include_usage: whether to send the usage chunk.
         on_end: called once with the usage and the error, if any, however the stream ends.
+        extension: raygate's extension object (citations), sent on the final chunk: the usage
+            chunk when there is one, else a chunk of its own with empty choices.
     """
     usage: UsageInfo | None = None
     error: RaygateError | None = None
@@ -62,8 +65,9 @@ async def sse_events(
                 break
             except RaygateError as exc:
                 chunk = exc
-        if include_usage and usage is not None and error is None:
-            yield sse_frame(last.model_copy(update={"choices": [], "usage": usage}))
+        if error is None and ((include_usage and usage is not None) or extension):
+            final = {"choices": [], "usage": usage if include_usage else None, "raygate": extension}
+            yield sse_frame(last.model_copy(update=final))
         yield DONE_FRAME
     finally:
         on_end(usage, error)

@@ -49,6 +49,9 @@ def test_consent_export_and_erasure(deployed: Deployed) -> None:
     ask(deployed, key, f"Before consent: {secret}")
     consent = admin(deployed, "PUT", f"/users/{user}/consent", json={"tenant": tenant, "consent": True})
     assert consent.status_code == 200
+    document = {"id": "notes", "text": f"My notes: {secret} is the name of my farm."}
+    assert httpx.post(f"{deployed.base_url}/v1/collections/private/documents", json=document, timeout=60,
+                      headers={"Authorization": f"Bearer {key}"}).status_code == 200
     answered = ask(deployed, key, f"What does {secret} mean?", temperature=0)
     assert answered.status_code == 200
     deadline = time.monotonic() + 15
@@ -63,6 +66,10 @@ def test_consent_export_and_erasure(deployed: Deployed) -> None:
     erased = admin(deployed, "DELETE", f"/users/{user}", params={"tenant": tenant})
     assert erased.status_code == 200
     assert erased.json()["ledger"]["messages"] == 1 and erased.json()["cache_entries"] == 1
+    assert erased.json()["rag_chunks"] == 1
+    search = httpx.post(f"{deployed.base_url}/v1/collections/private/search", json={"query": secret, "min_score": -1},
+                        headers={"Authorization": f"Bearer {key}"}, timeout=60)
+    assert search.status_code == 200 and search.json()["data"] == []
     assert redis_values_containing(deployed.redis_url, secret) == []
     after = admin(deployed, "GET", f"/users/{user}/export", params={"tenant": tenant}).json()
     assert after["messages"] == after["requests"] == []

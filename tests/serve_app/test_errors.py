@@ -20,7 +20,7 @@ class Body(BaseModel):
 
 def make_app() -> TestClient:
     app = FastAPI()
-    app.add_middleware(RequestContextMiddleware, max_body_bytes=lambda: 100)
+    app.add_middleware(RequestContextMiddleware, max_body_bytes=lambda path: 100)
     install_error_handlers(app)
 
     @app.post("/echo")
