@@ -23,6 +23,7 @@ from ray.serve.handle import DeploymentHandle
 
 from deployments.chunking import Chunk, TokenCounter, chunk_text
 from deployments.embedder import default_model_path
+from deployments.lexical import rrf, sparse_vector
 from deployments.retriever_protocol import (
     AnyOfFilter, DocumentIn, IngestResult, RangeFilter, SearchHit, SearchOptions,
 )
@@ -35,6 +36,7 @@ from serve_app.stores import qdrant_client
 logger = logging.getLogger(__name__)
 
 _PREFIX = "rag_"
+DENSE, LEXICAL = "dense", "lexical"
 
 
 def collection_id(tenant: str, name: str) -> str:
@@ -111,7 +113,8 @@ class Retriever:
             for chunk in chunks:
                 payload = {"document_id": doc.id, "chunk": chunk.index, "text": chunk.text, "heading": chunk.heading,
                            "metadata": doc.metadata, "tenant": tenant, "user": user, "ingested_at": now}
-                points.append(qm.PointStruct(id=_point_id(tenant, doc.id, chunk.index), vector=vectors[i],
+                vector = {DENSE: vectors[i], LEXICAL: sparse_vector(chunk.embedded_text())}
+                points.append(qm.PointStruct(id=_point_id(tenant, doc.id, chunk.index), vector=vector,
                                              payload=payload))
                 i += 1
         for start in range(0, len(points), 512):
@@ -120,20 +123,35 @@ class Retriever:
                             ids=[d.id for d in documents])
 
     async def search(self, tenant: str, name: str, query: str, options: SearchOptions) -> list[SearchHit]:
-        """The best chunks for ``query`` over ``min_score``, filtered, optionally diversified (MMR)."""
+        """The best chunks for ``query``, filtered, optionally diversified (MMR).
+
+        Hybrid: the dense neighbours and the lexical matches are fused by reciprocal rank; every
+        hit's ``score`` is its dense (cosine) similarity, at least ``min_score``.
+        """
         [vector] = await self._embed([query])
         qname = await self._collection(tenant, name, len(vector))
-        limit = max(options.top_k * 4, 20) if options.mmr else options.top_k
-        result = await self.client.query_points(qname, query=vector, query_filter=qdrant_filter(options.filter),
-                                                limit=limit, score_threshold=options.min_score, with_vectors=options.mmr)
-        points = result.points
-        if options.mmr and points:
-            order = mmr(np.asarray(vector), np.asarray([p.vector for p in points]), options.top_k, options.mmr_lambda)
-            points = [points[i] for i in order]
+        limit = max(options.top_k * 4, 20)
+        flt = qdrant_filter(options.filter)
+        searches = [self.client.query_points(qname, query=vector, using=DENSE, query_filter=flt, limit=limit,
+                                             score_threshold=options.min_score, with_vectors=[DENSE])]
+        if options.hybrid:
+            searches.append(self.client.query_points(qname, query=sparse_vector(query, query=True), using=LEXICAL,
+                                                     query_filter=flt, limit=limit, with_vectors=[DENSE]))
+        results = await asyncio.gather(*searches)
+        points = {str(p.id): p for result in results for p in result.points}
+        rankings = [[str(p.id) for p in result.points] for result in results]
+        order = [points[i] for i in rrf(rankings)]
+        query_vector = np.asarray(vector)
+        cosine = {str(p.id): float(np.asarray(p.vector[DENSE]) @ query_vector) for p in order}  # type: ignore[index]
+        order = [p for p in order if cosine[str(p.id)] >= options.min_score]
+        if options.mmr and order:
+            chosen = mmr(query_vector, np.asarray([p.vector[DENSE] for p in order]),  # type: ignore[index]
+                         options.top_k, options.mmr_lambda)
+            order = [order[i] for i in chosen]
         return [SearchHit(index=n, document_id=p.payload["document_id"], chunk=p.payload["chunk"],  # type: ignore[index]
-                          score=float(p.score), metadata=p.payload.get("metadata", {}),  # type: ignore[union-attr]
+                          score=cosine[str(p.id)], metadata=p.payload.get("metadata", {}),  # type: ignore[union-attr]
                           text=p.payload["text"], heading=p.payload.get("heading", ""))  # type: ignore[index,union-attr]
-                for n, p in enumerate(points, start=1)]
+                for n, p in enumerate(order[:options.top_k], start=1)]
 
     async def delete_document(self, tenant: str, name: str, doc_id: str) -> int:
         """Remove a document's chunks; return how many went.
@@ -206,9 +224,11 @@ class Retriever:
             if not create or dimensions is None:
                 raise NotFoundError(f"The collection '{name}' does not exist.", param="collection")
             await self.client.create_collection(
-                qname, vectors_config=qm.VectorParams(size=dimensions, distance=qm.Distance.COSINE))
+                qname, vectors_config={DENSE: qm.VectorParams(size=dimensions, distance=qm.Distance.COSINE)},
+                sparse_vectors_config={LEXICAL: qm.SparseVectorParams(modifier=qm.Modifier.IDF)})
             return qname
-        size = (await self.client.get_collection(qname)).config.params.vectors.size  # type: ignore[union-attr]
+        vectors = (await self.client.get_collection(qname)).config.params.vectors
+        size = vectors[DENSE].size if isinstance(vectors, dict) and DENSE in vectors else getattr(vectors, "size", 0)
         if dimensions is not None and size != dimensions:
             raise InvalidRequestError(
                 f"The collection '{name}' holds {size}-dimensional vectors, but the embedding model makes "

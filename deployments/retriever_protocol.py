@@ -48,10 +48,11 @@ class SearchOptions(BaseModel):
     """How to retrieve: top-k over a minimum score, metadata filters, optional diversification."""
 
     top_k: int = Field(4, ge=1, le=50)
-    min_score: float = Field(0.3, ge=-1, le=1)
+    min_score: float = Field(0.3, ge=-1, le=1, description="Least cosine similarity of a dense neighbour.")
     filter: dict[str, FilterValue] | None = Field(
         None, description='metadata conditions, all must hold: {"lang": "fr"}, {"year": {"gte": 2020}}, '
         '{"species": {"any": ["layers", "broilers"]}}')
+    hybrid: bool = Field(True, description="Fuse dense similarity with lexical (BM25-style) matches.")
     mmr: bool = Field(False, description="Maximal marginal relevance: trade some similarity for diversity.")
     mmr_lambda: float = Field(0.5, ge=0, le=1, description="1 = pure similarity, 0 = pure diversity.")
 
