@@ -130,7 +130,8 @@ async def main_async(args: argparse.Namespace) -> None:
     docs, questions = load_corpus()
     print(f"{len(docs)} documents, {len(questions)} questions")
     with tempfile.TemporaryDirectory() as data_dir:
-        retriever = Retriever(RetrieverConfig(), EmbedderConfig(), None, data_dir, "qdrant", LocalEmbedder())
+        config = RetrieverConfig(chunk_tokens=args.chunk_tokens, overlap_tokens=args.chunk_tokens // 5)
+        retriever = Retriever(config, EmbedderConfig(), None, data_dir, "qdrant", LocalEmbedder())
         try:
             await quality(retriever, docs, questions)
             if not args.quality_only:
@@ -145,6 +146,7 @@ def main() -> None:
     parser.add_argument("--quality-only", action="store_true")
     parser.add_argument("--sizes", type=int, nargs="+", default=[1_000, 100_000])
     parser.add_argument("--queries", type=int, default=200)
+    parser.add_argument("--chunk-tokens", type=int, default=RetrieverConfig().chunk_tokens)
     asyncio.run(main_async(parser.parse_args()))
 
 

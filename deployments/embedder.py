@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 from typing import TYPE_CHECKING
 
 from ray import serve
@@ -35,8 +36,12 @@ class Embedder:
     """
 
     def __init__(self, config: EmbedderConfig) -> None:
+        import torch
         from sentence_transformers import SentenceTransformer
 
+        # Ray sets OMP_NUM_THREADS=1 in actors that reserve no CPU; one thread caps what batching gains
+        # (bench.embedder_throughput).
+        torch.set_num_threads(config.torch_threads or os.cpu_count() or 1)
         self.config = config
         self.model: SentenceTransformer = SentenceTransformer(config.model_path or default_model_path(), device="cpu")
         self.dimensions = int(self.model.get_embedding_dimension())

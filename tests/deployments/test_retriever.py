@@ -109,3 +109,6 @@ async def test_erase_user_removes_only_their_chunks(retriever: Retriever) -> Non
     await retriever.ingest("acme", "bob", "farm", DOCS[2:])
     assert await retriever.erase_user("acme", "ann") == 2
     assert await ids(retriever, "poultry", top_k=10) == ["broiler-density"]
+    points, _ = await retriever.client.scroll(collection_id("acme", "farm"), limit=100, with_payload=True)
+    stored = " ".join(str(p.payload) for p in points)
+    assert "Red mites" not in stored and "16 hours" not in stored and "33 kg" in stored
