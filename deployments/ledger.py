@@ -71,6 +71,9 @@ class RequestRecord(BaseModel):
     cache_status: str | None = Field(None, description="hit, semantic-hit, miss or bypass.")
     saved_usd: float = Field(0.0, description="What a cache hit saved: the original call's price.")
     flags: str | None = Field(None, description="Guard flags, e.g. prompt_injection:pattern:override.")
+    category: str | None = Field(None, description="The router's category, for model: auto.")
+    domain: str | None = Field(None, description="The router's domain, for model: auto.")
+    route_reason: str | None = Field(None, description="Which classifier decided, and on what.")
     rag_ms: float | None = Field(None, description="Time spent retrieving, when the request used RAG.")
     rag_chunks: str | None = Field(None, description="The chunks given as sources, 'document#chunk' comma-separated.")
     route: str | None = None
@@ -184,6 +187,14 @@ class Ledger:
         async with self._lock:
             rows = await asyncio.to_thread(self._read, sql, [*params, limit, offset])
         return [RequestRecord(**dict(zip(_COLUMNS, row))) for row in rows]
+
+    async def route_counts(self, from_ts: float, to_ts: float) -> list[tuple[str | None, str | None, int]]:
+        """(category, model, requests) of routed requests (``model: auto``) in a time range."""
+        sql = ("SELECT category, model, COUNT(*) FROM requests WHERE requested_model = 'auto' AND created_at >= ? "
+               "AND created_at < ? GROUP BY category, model ORDER BY 3 DESC")
+        async with self._lock:
+            rows = await asyncio.to_thread(self._read, sql, [from_ts, to_ts])
+        return [(c, m, int(n)) for c, m, n in rows]  # type: ignore[misc]
 
     async def check_health(self) -> None:
         """Raise if the database cannot be read."""

@@ -18,6 +18,7 @@ from serve_app.config_base import BaseConfig
 from serve_app.cost_config import CostGuardConfig
 from serve_app.guard_config import GuardConfig
 from serve_app.rag_config import RetrieverConfig
+from serve_app.router_config import AUTO_MODEL, RouterConfig
 
 __all__ = ["BaseConfig", "GatewayConfig", "ModelConfig"]
 
@@ -204,6 +205,7 @@ class GatewayConfig(BaseConfig):
     guard: GuardConfig = Field(default_factory=GuardConfig)
     cache: CacheConfig = Field(default_factory=CacheConfig)
     retriever: RetrieverConfig = Field(default_factory=RetrieverConfig)
+    router: RouterConfig = Field(default_factory=RouterConfig)
     placement: PlacementConfig = Field(default_factory=PlacementConfig)
 
     @model_validator(mode="after")
@@ -223,6 +225,11 @@ class GatewayConfig(BaseConfig):
         unknown = sorted(self.cost_guard.model_names() - set(names))
         if unknown:
             raise ValueError(f"cost_guard: plans or budgets name unknown models {unknown}")
+        unknown = sorted(self.router.model_names() - set(names))
+        if unknown:
+            raise ValueError(f"router: tiers or domains name unknown models {unknown}")
+        if AUTO_MODEL in names:
+            raise ValueError(f"models: '{AUTO_MODEL}' is the router's name; pick another model name")
         return self
 
     def prices(self) -> dict[str, tuple[float, float]]:

@@ -17,3 +17,4 @@ MODEL_HEADER: Final = "x-raygate-model"
 APP_NAME: Final = "raygate"
 FLAGS_HEADER: Final = "x-raygate-flags"
 RETRIEVER_CALL_TIMEOUT_S: Final = 120.0  # ingestion embeds whole documents
+ROUTE_HEADER: Final = "x-raygate-route"

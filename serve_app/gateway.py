@@ -29,6 +29,7 @@ from deployments.cost_guard_protocol import UsageReport
 from deployments.guard import Guard, check_request_size
 from deployments.guard_protocol import GuardDecision
 from deployments.injection import InjectionDetector, Verdict, user_text
+from deployments.router import Router
 from deployments.ledger import FeedbackRecord, LedgerBuffer, RequestRecord
 from deployments.privacy import Content
 from serve_app import __version__
@@ -36,6 +37,8 @@ from serve_app.admin import router as admin_router
 from serve_app.cache_admin import router as cache_admin_router
 from serve_app.privacy_admin import router as privacy_admin_router
 from serve_app.rag_routes import router as rag_router
+from serve_app.router_admin import router as router_admin_router
+from serve_app.router_config import AUTO_MODEL
 from serve_app.cost_admin import router as cost_admin_router
 from serve_app.alerts import Alerter
 from serve_app.auth import APIKey, KeyStore
@@ -48,6 +51,7 @@ from serve_app.constants import (
     MODEL_CALL_TIMEOUT_S,
     FLAGS_HEADER,
     MODEL_HEADER,
+    ROUTE_HEADER,
 )
 from serve_app.errors import (
     ErrorResponse,
@@ -58,7 +62,7 @@ from serve_app.errors import (
     UpstreamUnavailableError,
 )
 from serve_app.dispatch import Attempt, Dispatcher
-from serve_app.grounding import Grounding, ground
+from serve_app.grounding import Grounding, ground, query_of
 from serve_app.handles import call, next_item
 from serve_app.middleware import RequestContextMiddleware, install_cors, install_error_handlers
 from serve_app.placement import Placed
@@ -98,6 +102,7 @@ app.include_router(cost_admin_router)
 app.include_router(cache_admin_router)
 app.include_router(privacy_admin_router)
 app.include_router(rag_router)
+app.include_router(router_admin_router)
 app.state.max_body_bytes = app.state.max_upload_bytes = 1_048_576
 
 
@@ -143,6 +148,8 @@ class Gateway:
                                       config.guard.anomaly.scan_interval_s if config.guard.anomaly.enabled else 0)
         semantic = Placed("SemanticCache", semantic_cache, remote=True) if semantic_cache is not None else None
         self.cache = ResponseCache(config.cache, redis_url, semantic)
+        self.router = Router(config.router, redis_url, Placed("Embedder", embedder, remote=True,
+                                                              timeout_s=EMBEDDER_CALL_TIMEOUT_S))
         self.injection = InjectionDetector(config.guard.injection, Placed("Embedder", embedder, remote=True,
                                                                           timeout_s=EMBEDDER_CALL_TIMEOUT_S))
         self.embedder = embedder
@@ -164,7 +171,7 @@ class Gateway:
     ) -> Response:
         """OpenAI chat completions, streaming (SSE) or not."""
         started = time.perf_counter()
-        model = self._model(body.model)
+        model = None if body.model == AUTO_MODEL else self._model(body.model)
         tags = parse_tags(request.headers.get(TAG_HEADER))
         record = RequestRecord(
             id=request.state.request_id, tenant=key.tenant, user=key.user, key_id=key.key_id,
@@ -172,7 +179,8 @@ class Gateway:
             content=Content(messages=[{"role": m.role, "content": m.text()} for m in body.messages]),
         )
         attempts: list[Attempt] = []
-        estimated_tokens = estimate_prompt_tokens(body) + body.max_output_tokens(model.default_max_tokens)
+        default_tokens = model.default_max_tokens if model else max(m.default_max_tokens for m in self.config.models)
+        estimated_tokens = estimate_prompt_tokens(body) + body.max_output_tokens(default_tokens)
         # The injection check (an Embedder call) runs alongside the limit checks and the reservation.
         inspection = asyncio.ensure_future(self._inspect(key, body))
         try:
@@ -182,6 +190,7 @@ class Gateway:
             flood_alert(self.alerter, key, limits)
             if (denied := limits.to_error()) is not None:
                 raise denied
+            model = model or await self._route(key, body, record)
             decision = await self.spend.reserve(record.id, key, body, model, tags)
         except RaygateError as exc:
             inspection.cancel()
@@ -210,12 +219,13 @@ class Gateway:
             self._record(record, started, None, None, exc, attempts)
             exc.headers = {**exc.headers, "x-raygate-attempts": str(len(attempts))}
             raise
-        headers = {**answer_headers(answer, started), **limits.headers(), CACHE_HEADER: plan.status}
+        headers = {**answer_headers(answer, started), **limits.headers(), CACHE_HEADER: plan.status,
+                   **self._route_headers(record)}
         if record.flags:
             headers[FLAGS_HEADER] = record.flags
         if record.downgraded_from:
             headers["x-raygate-downgraded"] = f"{record.downgraded_from}->{model.name}"
-        category = request.headers.get(CATEGORY_HEADER)
+        category = record.category or request.headers.get(CATEGORY_HEADER)
         if answer.stream is None:
             self._correct_tokens(key, answer.first.usage, estimated_tokens, limits)
             self._record(record, started, answer.model, answer.first.usage, None, attempts)
@@ -260,6 +270,7 @@ class Gateway:
     async def list_models(self, key: APIKey = Depends(authenticate)) -> ModelList:
         """The chat models and the embedding model."""
         names = [m.name for m in self.config.models] + [self.config.embedder.model_name]
+        names += [AUTO_MODEL] if self.config.router.tiers else []
         return ModelList(data=[ModelCard(id=name) for name in names])
 
     @app.post("/v1/embeddings", response_model=EmbeddingResponse)
@@ -301,7 +312,8 @@ class Gateway:
         self.spend.background.spawn(self.cache.count(hit.status, record.saved_usd))
         self._record(record, started, model, UsageInfo.of(0, 0), None, [])
         headers = {MODEL_HEADER: hit.entry.model, CACHE_HEADER: hit.status, "x-raygate-attempts": "0",
-                   **limits.headers(), **({FLAGS_HEADER: record.flags} if record.flags else {})}
+                   **limits.headers(), **({FLAGS_HEADER: record.flags} if record.flags else {}),
+                   **self._route_headers(record)}
         if not body.stream:
             payload = completion_from(hit, record.id).model_dump(mode="json") | {
                 "raygate": {**hit.extension(), **(extension or {})}}
@@ -325,6 +337,20 @@ class Gateway:
             tags = record.tags.split(",") if record.tags else []
             self.spend.background.spawn(self.cache.store(plan, content, finish_reason, model.name, usage, cost,
                                                          record.user, tags, category))
+
+    async def _route(self, key: APIKey, body: ChatCompletionRequest, record: RequestRecord) -> ModelConfig:
+        """``model: auto``: classify the request and take the model its category (or domain) is routed to."""
+        if not self.router.enabled_for(key.tenant):
+            raise ModelNotFoundError("The model 'auto' needs a routing table (router.tiers).", param="model")
+        plan = await self.router.route(query_of(body), key.tenant, {m.name: m.fallbacks for m in self.config.models})
+        c = plan.classification
+        record.route, record.category, record.domain = plan.header(), c.category, c.domain
+        record.route_reason = f"{c.classifier}: {c.reason}"[:500]
+        return self._model(plan.model)
+
+    @staticmethod
+    def _route_headers(record: RequestRecord) -> dict[str, str]:
+        return {ROUTE_HEADER: record.route} if record.route else {}
 
     async def _inspect(self, key: APIKey, body: ChatCompletionRequest) -> Verdict | None:
         """Run the injection detector on the user's text, unless the tenant turned it off."""
@@ -354,6 +380,7 @@ class Gateway:
         await self.guard.close()
         await self.alerter.close()
         await self.cache.close()
+        await self.router.close()
         await self.ledger_buffer.close()
         await self.keys.redis.aclose()
 

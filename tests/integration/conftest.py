@@ -138,6 +138,9 @@ def app_args(data_dir: Path, redis_url: str, upstream_url: str, flaky_url: str) 
         ],
         "stores": {"redis_url": redis_url, "data_dir": str(data_dir)},
         # The suite sends many requests with one key: no rate limits here (test_cost_guard_gateway tests them).
+        "router": {"tiers": {"simple_explanation": "echo", "standard_exercise": "echo",
+                             "complex_reasoning": "claude", "deep_analysis": "claude"},
+                   "domains": {"poultry": "tiny"}},
         "guard": {**NO_RATE_LIMITS, "injection": {"tenant_actions": {INJECTION_BLOCKING_TENANT: "block"}}},
         "gateway": {"max_body_bytes": 65536, "ledger_flush_interval_s": 0.1,
                     "unavailable_messages": {"fr": UNAVAILABLE_FR}},

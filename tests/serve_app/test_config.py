@@ -60,6 +60,13 @@ def test_engine_params_follow_engine() -> None:
                  {"name": "a", "engine": "hf", "engine_params": {}}]}, "duplicate"),
     ({"models": [{"name": "a", "engine": "hf", "engine_params": {}, "input_price_per_1m_usd": -1}]}, "input_price"),
     ({"models": [{"name": "a", "engine": "hf", "engine_params": {}}], "stores": {"redis": "x"}}, "stores.redis"),
+    ({"models": [{"name": "a", "engine": "hf", "engine_params": {}}],
+      "router": {"tiers": {"deep_analysis": "zz"}}}, "router: tiers or domains name unknown models ['zz']"),
+    ({"models": [{"name": "a", "engine": "hf", "engine_params": {}}],
+      "router": {"tiers": {"hard": "a"}}}, "router.tiers.hard"),
+    ({"models": [{"name": "auto", "engine": "hf", "engine_params": {}}]}, "the router's name"),
+    ({"models": [{"name": "a", "engine": "hf", "engine_params": {}}],
+      "retriever": {"chunk_tokens": 50, "overlap_tokens": 50}}, "overlap_tokens"),
 ])
 def test_bad_config_names_the_field(args: dict[str, Any], fragment: str) -> None:
     with pytest.raises(ValueError) as info:
