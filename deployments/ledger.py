@@ -18,7 +18,7 @@ from typing import Literal
 
 from pydantic import BaseModel, Field
 
-from deployments import privacy, reports
+from deployments import privacy, reports, templates
 from deployments.privacy import AuditEntry, Content
 from serve_app.config import LedgerConfig
 
@@ -71,6 +71,7 @@ class RequestRecord(BaseModel):
     cache_status: str | None = Field(None, description="hit, semantic-hit, miss or bypass.")
     saved_usd: float = Field(0.0, description="What a cache hit saved: the original call's price.")
     flags: str | None = Field(None, description="Guard flags, e.g. prompt_injection:pattern:override.")
+    template: str | None = Field(None, description="The prompt template used, '<name>@v<version>'.")
     category: str | None = Field(None, description="The router's category, for model: auto.")
     domain: str | None = Field(None, description="The router's domain, for model: auto.")
     route_reason: str | None = Field(None, description="Which classifier decided, and on what.")
@@ -128,6 +129,11 @@ _INSERT_ATTEMPT = (
 )
 
 
+_TEMPLATE_OPERATIONS = {fn.__name__: fn for fn in (templates.get, templates.versions, templates.names,
+                                                   templates.add_version, templates.activate, templates.rollback,
+                                                   templates.diff)}
+
+
 class Ledger:
     """Single-replica deployment owning the SQLite ledger.
 
@@ -144,10 +150,13 @@ class Ledger:
         self.db.execute("PRAGMA synchronous=NORMAL")
         self.db.execute("PRAGMA secure_delete=ON")  # erased content is overwritten, not left in free pages
         self.config = config
-        self.db.executescript(_SCHEMA + privacy.SCHEMA)
+        self.db.executescript(_SCHEMA + privacy.SCHEMA + templates.SCHEMA)
         _migrate(self.db)
+        with self.db:
+            self.db.execute("BEGIN")
+            seeded = templates.seed(self.db, Path(config.prompts_dir) if config.prompts_dir else templates.SEED_DIR)
         self._lock = asyncio.Lock()
-        logger.info("Ledger open at %s", path)
+        logger.info("Ledger open at %s (%d prompt templates seeded)", path, seeded)
 
     async def record(self, rows: list[RequestRecord]) -> int:
         """Insert a batch of rows (a row with a known id replaces the old one).
@@ -226,6 +235,19 @@ class Ledger:
         was erased in other stores)."""
         async with self._lock:
             return await asyncio.to_thread(self._erase, tenant, user, actor, elsewhere or {})
+
+    async def templates(self, operation: str, *args: object) -> object:
+        """Prompt templates (``deployments.templates``): get, versions, names, add_version, activate,
+        rollback, diff — each in one transaction."""
+        work = _TEMPLATE_OPERATIONS[operation]
+
+        def run() -> object:
+            with self.db:
+                self.db.execute("BEGIN")
+                return work(self.db, *args)
+
+        async with self._lock:
+            return await asyncio.to_thread(run)
 
     async def audit_log(self, limit: int = 100) -> list[AuditEntry]:
         """Consent changes, exports and erasures, newest first."""

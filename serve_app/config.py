@@ -178,6 +178,7 @@ class LedgerConfig(BaseConfig):
     """The usage ledger."""
 
     db_file: str = Field("ledger.sqlite3", description="SQLite file, relative to data_dir.")
+    prompts_dir: str | None = Field(None, description="Seed templates (*.yaml); default the project's prompts/.")
     default_consent: bool = Field(
         False, description="Whether users who never set consent have their message content kept (GDPR: off).")
 

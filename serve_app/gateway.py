@@ -38,6 +38,7 @@ from serve_app.cache_admin import router as cache_admin_router
 from serve_app.privacy_admin import router as privacy_admin_router
 from serve_app.rag_routes import router as rag_router
 from serve_app.router_admin import router as router_admin_router
+from serve_app.template_admin import router as template_admin_router
 from serve_app.router_config import AUTO_MODEL
 from serve_app.cost_admin import router as cost_admin_router
 from serve_app.alerts import Alerter
@@ -63,6 +64,7 @@ from serve_app.errors import (
 )
 from serve_app.dispatch import Attempt, Dispatcher
 from serve_app.grounding import Grounding, ground, query_of
+from serve_app.prompting import TemplateCache, with_template
 from serve_app.handles import call, next_item
 from serve_app.middleware import RequestContextMiddleware, install_cors, install_error_handlers
 from serve_app.placement import Placed
@@ -103,6 +105,7 @@ app.include_router(cache_admin_router)
 app.include_router(privacy_admin_router)
 app.include_router(rag_router)
 app.include_router(router_admin_router)
+app.include_router(template_admin_router)
 app.state.max_body_bytes = app.state.max_upload_bytes = 1_048_576
 
 
@@ -155,6 +158,7 @@ class Gateway:
         self.embedder = embedder
         self.retriever = retriever
         self.ledger = ledger
+        self.templates = TemplateCache(ledger)
         self.ledger_buffer = LedgerBuffer(
             self._send_to_ledger,
             flush_interval_s=config.gateway.ledger_flush_interval_s,
@@ -199,6 +203,9 @@ class Gateway:
         grounding: Grounding | None = None
         try:
             record.flags = self._judge(key, await inspection)
+            if body.template is not None:
+                template = await self.templates.get(body.template)
+                body, record.template = with_template(body, template), f"{template.name}@v{template.version}"
             if (rag := body.rag or self.config.retriever.tenant_defaults.get(key.tenant)) and self.retriever:
                 body, grounding = await ground(self.retriever, key.tenant, body, rag)
                 record.rag_ms, record.rag_chunks = grounding.ms, grounding.chunk_ids
@@ -209,7 +216,7 @@ class Gateway:
         if decision.model is not None and decision.model != model.name:
             record.downgraded_from, model = model.name, self._model(decision.model)
         body = capped_request(body, decision)
-        plan = self.cache.plan(body, key.tenant, model.name, request.headers.get("cache-control"))
+        plan = self.cache.plan(body, key.tenant, model.name, request.headers.get("cache-control"), record.template)
         if (hit := await self.cache.lookup(plan)) is not None:
             return self._serve_hit(hit, body, record, model, started, limits, extension)
         record.cache_status = plan.status

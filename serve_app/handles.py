@@ -35,8 +35,12 @@ async def map_handle_errors(component: str, unavailable: type[RaygateError] = Se
     """
     try:
         yield
-    except RaygateError:
-        raise
+    except RaygateError as exc:
+        # A replica's error arrives as Ray's dual class (RayTaskError + the error's class), whose
+        # attribute lookup finds class defaults before the error's own values (its ``code``):
+        # raise the error itself.
+        cause = exc.__dict__.get("cause")
+        raise cause if isinstance(cause, RaygateError) else exc from None
     except TimeoutError as exc:
         raise UpstreamTimeoutError(f"{component} did not answer in time.") from exc
     except _RAY_FAILURES as exc:

@@ -107,6 +107,9 @@ class ChatCompletionRequest(OpenAIBaseModel):
     top_p: float | None = Field(default=None, gt=0.0, le=1.0)
     user: str | None = None
     rag: RagOptions | None = Field(default=None, description="raygate extension: ground the answer in a collection.")
+    template: str | None = Field(default=None, min_length=1, max_length=64,
+                                 description="raygate extension: a prompt template rendered as the system prompt.")
+    variables: dict[str, Any] = Field(default_factory=dict, description="raygate extension: the template's variables.")
 
     @field_validator("stop")
     @classmethod
