@@ -18,7 +18,7 @@ from typing import Literal
 
 from pydantic import BaseModel, Field
 
-from deployments import privacy, reports, templates
+from deployments import experiment_stats, experiments, privacy, reports, templates
 from deployments.privacy import AuditEntry, Content
 from serve_app.config import LedgerConfig
 
@@ -72,6 +72,8 @@ class RequestRecord(BaseModel):
     saved_usd: float = Field(0.0, description="What a cache hit saved: the original call's price.")
     flags: str | None = Field(None, description="Guard flags, e.g. prompt_injection:pattern:override.")
     template: str | None = Field(None, description="The prompt template used, '<name>@v<version>'.")
+    experiment: str | None = Field(None, description="The A/B experiment the request took part in.")
+    variant: str | None = Field(None, description="Its variant in that experiment.")
     category: str | None = Field(None, description="The router's category, for model: auto.")
     domain: str | None = Field(None, description="The router's domain, for model: auto.")
     route_reason: str | None = Field(None, description="Which classifier decided, and on what.")
@@ -129,9 +131,11 @@ _INSERT_ATTEMPT = (
 )
 
 
-_TEMPLATE_OPERATIONS = {fn.__name__: fn for fn in (templates.get, templates.versions, templates.names,
-                                                   templates.add_version, templates.activate, templates.rollback,
-                                                   templates.diff)}
+_OPERATIONS = {f"{fn.__module__.rsplit('.', 1)[-1]}.{fn.__name__}": fn for fn in (
+    templates.get, templates.versions, templates.names, templates.add_version, templates.activate,
+    templates.rollback, templates.diff, experiments.create, experiments.get, experiments.listing,
+    experiments.transition)}
+_OPERATIONS["experiments.evaluate"] = experiment_stats.evaluate
 
 
 class Ledger:
@@ -150,7 +154,7 @@ class Ledger:
         self.db.execute("PRAGMA synchronous=NORMAL")
         self.db.execute("PRAGMA secure_delete=ON")  # erased content is overwritten, not left in free pages
         self.config = config
-        self.db.executescript(_SCHEMA + privacy.SCHEMA + templates.SCHEMA)
+        self.db.executescript(_SCHEMA + privacy.SCHEMA + templates.SCHEMA + experiments.SCHEMA)
         _migrate(self.db)
         with self.db:
             self.db.execute("BEGIN")
@@ -236,10 +240,12 @@ class Ledger:
         async with self._lock:
             return await asyncio.to_thread(self._erase, tenant, user, actor, elsewhere or {})
 
-    async def templates(self, operation: str, *args: object) -> object:
-        """Prompt templates (``deployments.templates``): get, versions, names, add_version, activate,
-        rollback, diff — each in one transaction."""
-        work = _TEMPLATE_OPERATIONS[operation]
+    async def store(self, operation: str, *args: object) -> object:
+        """Prompt templates and experiments, each operation in one transaction: ``templates.get``,
+        ``templates.versions``, ``templates.names``, ``templates.add_version``, ``templates.activate``,
+        ``templates.rollback``, ``templates.diff``, ``experiments.create``, ``experiments.get``,
+        ``experiments.listing``, ``experiments.transition``, ``experiments.evaluate``."""
+        work = _OPERATIONS[operation]
 
         def run() -> object:
             with self.db:

@@ -38,6 +38,7 @@ from serve_app.cache_admin import router as cache_admin_router
 from serve_app.privacy_admin import router as privacy_admin_router
 from serve_app.rag_routes import router as rag_router
 from serve_app.router_admin import router as router_admin_router
+from serve_app.experiment_admin import router as experiment_admin_router
 from serve_app.template_admin import router as template_admin_router
 from serve_app.router_config import AUTO_MODEL
 from serve_app.cost_admin import router as cost_admin_router
@@ -64,6 +65,7 @@ from serve_app.errors import (
 )
 from serve_app.dispatch import Attempt, Dispatcher
 from serve_app.grounding import Grounding, ground, query_of
+from serve_app.experimenting import ExperimentCache, with_variant
 from serve_app.prompting import TemplateCache, with_template
 from serve_app.handles import call, next_item
 from serve_app.middleware import RequestContextMiddleware, install_cors, install_error_handlers
@@ -106,6 +108,7 @@ app.include_router(privacy_admin_router)
 app.include_router(rag_router)
 app.include_router(router_admin_router)
 app.include_router(template_admin_router)
+app.include_router(experiment_admin_router)
 app.state.max_body_bytes = app.state.max_upload_bytes = 1_048_576
 
 
@@ -148,7 +151,8 @@ class Gateway:
         self.spend = Spend(placed, on_crossings=self.alerter.notify)
         self.guard = Placed("Guard", guard or Guard(config.guard, redis_url), remote=guard is not None)
         self.watcher = AnomalyWatcher(self.guard, self.alerter, redis,
-                                      config.guard.anomaly.scan_interval_s if config.guard.anomaly.enabled else 0)
+                                      config.guard.anomaly.scan_interval_s if config.guard.anomaly.enabled else 0,
+                                      also=[self._promote_experiments])
         semantic = Placed("SemanticCache", semantic_cache, remote=True) if semantic_cache is not None else None
         self.cache = ResponseCache(config.cache, redis_url, semantic)
         self.router = Router(config.router, redis_url, Placed("Embedder", embedder, remote=True,
@@ -159,6 +163,7 @@ class Gateway:
         self.retriever = retriever
         self.ledger = ledger
         self.templates = TemplateCache(ledger)
+        self.experiments = ExperimentCache(ledger)
         self.ledger_buffer = LedgerBuffer(
             self._send_to_ledger,
             flush_interval_s=config.gateway.ledger_flush_interval_s,
@@ -175,11 +180,17 @@ class Gateway:
     ) -> Response:
         """OpenAI chat completions, streaming (SSE) or not."""
         started = time.perf_counter()
+        requested = body.model
+        assignment = await self.experiments.assignment(body.model, key.user)
+        template_version = None
+        if assignment is not None:
+            body, template_version = with_variant(body, *assignment)
         model = None if body.model == AUTO_MODEL else self._model(body.model)
         tags = parse_tags(request.headers.get(TAG_HEADER))
         record = RequestRecord(
             id=request.state.request_id, tenant=key.tenant, user=key.user, key_id=key.key_id,
-            requested_model=body.model, stream=body.stream, tags=",".join(tags) or None,
+            requested_model=requested, stream=body.stream, tags=",".join(tags) or None,
+            experiment=assignment[0].id if assignment else None, variant=assignment[1].name if assignment else None,
             content=Content(messages=[{"role": m.role, "content": m.text()} for m in body.messages]),
         )
         attempts: list[Attempt] = []
@@ -204,7 +215,7 @@ class Gateway:
         try:
             record.flags = self._judge(key, await inspection)
             if body.template is not None:
-                template = await self.templates.get(body.template)
+                template = await self.templates.get(body.template, template_version)
                 body, record.template = with_template(body, template), f"{template.name}@v{template.version}"
             if (rag := body.rag or self.config.retriever.tenant_defaults.get(key.tenant)) and self.retriever:
                 body, grounding = await ground(self.retriever, key.tenant, body, rag)
@@ -344,6 +355,15 @@ class Gateway:
             tags = record.tags.split(",") if record.tags else []
             self.spend.background.spawn(self.cache.store(plan, content, finish_reason, model.name, usage, cost,
                                                          record.user, tags, category))
+
+    async def _promote_experiments(self) -> None:
+        """Evaluate running experiments set to promote (the Ledger completes one with a significant winner)."""
+        for experiment in await self.experiments.live():
+            if experiment.status == "running" and experiment.promote:
+                result = await call(self.ledger.store.remote("experiments.evaluate", experiment.id),
+                                    LEDGER_CALL_TIMEOUT_S, "Ledger")
+                if result.get("promoted"):
+                    self.experiments.forget()
 
     async def _route(self, key: APIKey, body: ChatCompletionRequest, record: RequestRecord) -> ModelConfig:
         """``model: auto``: classify the request and take the model its category (or domain) is routed to."""

@@ -36,7 +36,7 @@ class TemplateCache:
         entry = self._entries.get((name, version))
         if entry is not None and entry[0] > time.monotonic():
             return entry[1]
-        template: TemplateVersion = await call(self.ledger.templates.remote("get", name, version),
+        template: TemplateVersion = await call(self.ledger.store.remote("templates.get", name, version),
                                                LEDGER_CALL_TIMEOUT_S, "Ledger")
         self._entries[(name, version)] = (time.monotonic() + self.ttl_s, template)
         return template

@@ -26,7 +26,7 @@ def fill_record(record: RequestRecord, started: float, model: ModelConfig | None
     record.attempts = len(attempts)
     if model is not None:
         record.model = model.name
-        record.fallback = model.name != record.requested_model
+        record.fallback = bool(attempts) and model.name != attempts[0].model
     if usage is not None and model is not None:
         cost = model.cost_usd(usage.prompt_tokens, usage.completion_tokens)
         record.prompt_tokens, record.completion_tokens = usage.prompt_tokens, usage.completion_tokens

@@ -29,7 +29,7 @@ class Activation(BaseModel):
 
 
 async def _templates(gateway: "Gateway", operation: str, *args: Any) -> Any:
-    return await _ledger(gateway, "templates", operation, *args)
+    return await _ledger(gateway, "store", f"templates.{operation}", *args)
 
 
 @router.get("")

@@ -1,4 +1,4 @@
-"""The Guard's findings as alerts: flood blocks as they happen, usage anomalies once a minute.
+"""Once-a-minute work, and flood alerts: the Guard's findings as alerts, experiments' promotion.
 
 Every Gateway replica runs an ``AnomalyWatcher``, but a Redis lock per minute lets one
 of them score the keys; alert ids name the key and the minute, so the alert store
@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import logging
 import time
+from collections.abc import Awaitable, Callable
 
 import redis.asyncio as aioredis
 
@@ -38,11 +39,14 @@ class AnomalyWatcher:
         redis: for the once-a-minute lock.
         interval_s: how often to look; 0 turns the watcher off.
         lock_key: the lock's name (tests use their own).
+        also: more work for the replica that holds the minute's lock.
     """
 
     def __init__(self, guard: Placed, alerter: Alerter, redis: aioredis.Redis, interval_s: float,
-                 lock_key: str = "raygate:guard:anomaly-scan") -> None:
+                 lock_key: str = "raygate:guard:anomaly-scan",
+                 also: list[Callable[[], Awaitable[object]]] | None = None) -> None:
         self.guard, self.alerter, self.redis = guard, alerter, redis
+        self.also = also or []
         self.interval_s = interval_s
         self.lock_key = lock_key
         self._task: asyncio.Task[None] | None = None
@@ -58,6 +62,11 @@ class AnomalyWatcher:
         minute = int(now // 60)
         if not await self.redis.set(f"{self.lock_key}:{minute}", "1", nx=True, ex=120):
             return []
+        for work in self.also:  # other once-a-minute work (experiments' promotion)
+            try:
+                await work()
+            except Exception as exc:  # noqa: BLE001 - one failing task must not stop the scan
+                logger.warning("Periodic task failed: %s", type(exc).__name__)
         anomalies = await self.guard("anomalies", now)
         alerts = [Alert.for_anomaly(a, now=now, delivery=self.alerter.delivery) for a in anomalies]
         task = self.alerter.emit(alerts)

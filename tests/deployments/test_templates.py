@@ -19,33 +19,33 @@ def ledger(tmp_path: Path) -> Ledger:
 
 
 async def test_seeded_from_the_prompts_dir(ledger: Ledger) -> None:
-    names = {t["name"]: t for t in await ledger.templates("names")}
+    names = {t["name"]: t for t in await ledger.store("templates.names")}
     assert {"tutor", "poultry_advisor", "exercise_coach"} <= set(names)
     assert names["tutor"]["active_version"] == 1
-    tutor = await ledger.templates("get", "tutor")
+    tutor = await ledger.store("templates.get", "tutor")
     assert tutor.created_by == "seed:tutor.yaml" and "{{ subject }}" in tutor.body
 
 
 async def test_versions_activate_rollback_and_diff(ledger: Ledger) -> None:
-    await ledger.templates("add_version", "greeter", NewVersion(body="Hello {{ name }}."), "admin1")
-    second = await ledger.templates("add_version", "greeter", NewVersion(body="Hi {{ name }}!"), "admin1")
+    await ledger.store("templates.add_version", "greeter", NewVersion(body="Hello {{ name }}."), "admin1")
+    second = await ledger.store("templates.add_version", "greeter", NewVersion(body="Hi {{ name }}!"), "admin1")
     assert second.version == 2 and not second.active  # added, not yet in use
-    assert (await ledger.templates("get", "greeter")).version == 1
-    await ledger.templates("activate", "greeter", 2)
-    assert (await ledger.templates("get", "greeter")).body == "Hi {{ name }}!"
-    assert "-Hello {{ name }}." in await ledger.templates("diff", "greeter", 1, 2)
-    back = await ledger.templates("rollback", "greeter")
+    assert (await ledger.store("templates.get", "greeter")).version == 1
+    await ledger.store("templates.activate", "greeter", 2)
+    assert (await ledger.store("templates.get", "greeter")).body == "Hi {{ name }}!"
+    assert "-Hello {{ name }}." in await ledger.store("templates.diff", "greeter", 1, 2)
+    back = await ledger.store("templates.rollback", "greeter")
     assert back.version == 1 and back.active
     with pytest.raises(InvalidRequestError, match="no earlier active version"):
-        await ledger.templates("rollback", "greeter")
-    assert [v.version for v in await ledger.templates("versions", "greeter")] == [1, 2]
+        await ledger.store("templates.rollback", "greeter")
+    assert [v.version for v in await ledger.store("templates.versions", "greeter")] == [1, 2]
     with pytest.raises(NotFoundError):
-        await ledger.templates("activate", "greeter", 9)
+        await ledger.store("templates.activate", "greeter", 9)
 
 
 async def test_a_bad_template_is_refused(ledger: Ledger) -> None:
     with pytest.raises(InvalidRequestError, match="syntax error") as raised:
-        await ledger.templates("add_version", "broken", NewVersion(body="Hello {{ name "), "admin1")
+        await ledger.store("templates.add_version", "broken", NewVersion(body="Hello {{ name "), "admin1")
     assert raised.value.code == "template_syntax"
 
 
