@@ -25,17 +25,17 @@ from deployments.cache_protocol import (
     CACHE_HEADER, CATEGORY_HEADER, CacheHit, StreamCollector, completion_from, replay_chunks,
 )
 from deployments.cost_guard import CostGuard
-from deployments.cost_guard_protocol import UsageReport
 from deployments.guard import Guard, check_request_size
 from deployments.guard_protocol import GuardDecision
 from deployments.injection import InjectionDetector, Verdict, user_text
 from deployments.router import Router
-from deployments.ledger import FeedbackRecord, LedgerBuffer, RequestRecord
+from deployments.ledger import LedgerBuffer, RequestRecord
 from deployments.privacy import Content
 from serve_app import __version__
 from serve_app.admin import router as admin_router
 from serve_app.cache_admin import router as cache_admin_router
 from serve_app.privacy_admin import router as privacy_admin_router
+from serve_app.api_routes import router as api_router
 from serve_app.rag_routes import router as rag_router
 from serve_app.router_admin import router as router_admin_router
 from serve_app.experiment_admin import router as experiment_admin_router
@@ -59,7 +59,6 @@ from serve_app.errors import (
     ErrorResponse,
     InvalidRequestError,
     ModelNotFoundError,
-    NotFoundError,
     RaygateError,
     UpstreamUnavailableError,
 )
@@ -75,18 +74,11 @@ from serve_app.protocol import (
     ChatCompletionRequest,
     ChatCompletionResponse,
     ChatCompletionStreamResponse,
-    EmbeddingData,
-    EmbeddingRequest,
-    EmbeddingResponse,
-    EmbeddingUsage,
-    FeedbackRequest,
-    ModelCard,
-    ModelList,
     UsageInfo,
 )
 from serve_app.spend import TAG_HEADER, Spend, capped_request, estimate_prompt_tokens, parse_tags
 from serve_app.stores import redis_client
-from serve_app.http_parts import GatewayAPI, answer_headers, client_language, encode_vectors, probe
+from serve_app.http_parts import GatewayAPI, answer_headers, client_language
 from serve_app.streaming import sse_events
 from serve_app.watch import AnomalyWatcher, flood_alert
 
@@ -105,6 +97,7 @@ app.include_router(admin_router)
 app.include_router(cost_admin_router)
 app.include_router(cache_admin_router)
 app.include_router(privacy_admin_router)
+app.include_router(api_router)
 app.include_router(rag_router)
 app.include_router(router_admin_router)
 app.include_router(template_admin_router)
@@ -267,59 +260,6 @@ class Gateway:
         events = sse_events(answer.first, lambda: collected.wrap(self._rest(answer.stream, answer.model)),
                             include_usage=body.include_usage(), on_end=on_end, extension=extension)
         return StreamingResponse(events, media_type="text/event-stream", headers=headers)
-
-    @app.get("/v1/usage", response_model=UsageReport)
-    async def usage(self, key: APIKey = Depends(authenticate)) -> UsageReport:
-        """The calling key's usage today and its remaining plan quota."""
-        report: UsageReport = await self.spend.cost_guard("usage", key.tenant, key.user, key.plan)
-        return report
-
-    @app.post("/v1/feedback")
-    async def feedback(self, body: FeedbackRequest, key: APIKey = Depends(authenticate)) -> dict[str, Any]:
-        """Rate an answer (1-5 and/or thumbs, with a comment). Only the key that asked may rate it."""
-        await self.ledger_buffer.flush()  # the request's own row may still be buffered here
-        record = FeedbackRecord(request_id=body.request_id, key_id=key.key_id, rating=body.rating,
-                                thumbs=body.thumbs, comment=body.comment)
-        if not await call(self.ledger.record_feedback.remote(record), LEDGER_CALL_TIMEOUT_S, "Ledger"):
-            raise NotFoundError("No request with this id was made with this API key.", param="request_id")
-        return {"object": "feedback", **record.model_dump(exclude={"key_id"})}
-
-    @app.get("/v1/models", response_model=ModelList)
-    async def list_models(self, key: APIKey = Depends(authenticate)) -> ModelList:
-        """The chat models and the embedding model."""
-        names = [m.name for m in self.config.models] + [self.config.embedder.model_name]
-        names += [AUTO_MODEL] if self.config.router.tiers else []
-        return ModelList(data=[ModelCard(id=name) for name in names])
-
-    @app.post("/v1/embeddings", response_model=EmbeddingResponse)
-    async def embeddings(self, body: EmbeddingRequest, key: APIKey = Depends(authenticate)) -> EmbeddingResponse:
-        """OpenAI embeddings through the Embedder deployment."""
-        if body.model != self.config.embedder.model_name:
-            raise ModelNotFoundError(f"The embedding model '{body.model}' does not exist.", param="model")
-        try:
-            texts = body.inputs()
-        except ValueError as exc:
-            raise InvalidRequestError(str(exc), param="input") from exc
-        vectors, tokens = await call(self.embedder.embed.remote(texts), EMBEDDER_CALL_TIMEOUT_S, "Embedder")
-        if body.dimensions is not None and body.dimensions != len(vectors[0]):
-            raise InvalidRequestError(f"This model only supports dimensions={len(vectors[0])}.", param="dimensions")
-        encoded = encode_vectors(vectors, body.encoding_format)
-        data = [EmbeddingData(index=i, embedding=e) for i, e in enumerate(encoded)]
-        return EmbeddingResponse(data=data, model=body.model, usage=EmbeddingUsage(prompt_tokens=tokens, total_tokens=tokens))
-
-    @app.get("/health")
-    async def health(self) -> Response:
-        """Each component's status; 503 when a required one is down."""
-        checks: dict[str, Any] = {f"model:{name}": h.check_health.remote() for name, h in self.models.items()}
-        checks["embedder"] = self.embedder.check_health.remote()
-        checks["ledger"] = self.ledger.check_health.remote()
-        checks["redis"] = self.keys.redis.ping()
-        results = await asyncio.gather(*(probe(c) for c in checks.values()))
-        status = dict(zip(checks, results))
-        optional = {f"model:{m.name}" for m in self.config.models if not m.required}
-        healthy = all(ok == "ok" for name, ok in status.items() if name not in optional)
-        body = {"status": "ok" if healthy else "degraded", "components": status}
-        return Response(orjson.dumps(body), status_code=200 if healthy else 503, media_type="application/json")
 
     def _serve_hit(self, hit: CacheHit, body: ChatCompletionRequest, record: RequestRecord, model: ModelConfig,
                    started: float, limits: GuardDecision, extension: dict[str, Any] | None) -> Response:
