@@ -22,7 +22,10 @@ import numpy as np
 import redis.exceptions
 from pydantic import BaseModel, Field
 
+from ray.serve.handle import DeploymentHandle
+
 from deployments.router_rules import classify_rules
+from serve_app.constants import EMBEDDER_CALL_TIMEOUT_S
 from serve_app.placement import Placed
 from serve_app.router_config import RouterConfig
 from serve_app.stores import redis_client
@@ -67,22 +70,20 @@ class Router:
     Args:
         config: classifiers, tiers and domains.
         redis_url: where classifications are cached.
-        embedder: the Embedder (placed); None leaves only the rules.
+        embedder: the Embedder: its handle, or an object with the same async ``embed`` (tests).
         key_prefix: namespace of the cache keys.
     """
 
-    def __init__(self, config: RouterConfig, redis_url: str, embedder: Placed | None, *,
+    def __init__(self, config: RouterConfig, redis_url: str, embedder: Any, *,
                  key_prefix: str = "raygate:route") -> None:
         self.config = config
         self.redis = redis_client(redis_url)
-        self.embedder = embedder if "embedding" in config.classifiers else None
+        placed = embedder if isinstance(embedder, Placed) or embedder is None else Placed(
+            "Embedder", embedder, remote=isinstance(embedder, DeploymentHandle), timeout_s=EMBEDDER_CALL_TIMEOUT_S)
+        self.embedder = placed if "embedding" in config.classifiers else None
         self.prefix = key_prefix
         self._examples = load_examples(config.examples_file) if self.embedder else []
         self._matrix: np.ndarray | None = None
-
-    def enabled_for(self, tenant: str) -> bool:
-        """Whether ``model: auto`` can be routed for this tenant (a tier table exists)."""
-        return bool(self.config.tenant_tiers.get(tenant) or self.config.tiers)
 
     async def route(self, text: str, tenant: str, fallbacks: dict[str, list[str]]) -> RoutePlan:
         """The route plan of a request whose last user turn is ``text``."""

@@ -191,6 +191,8 @@ class PlacementConfig(BaseConfig):
 
     cost_guard: Placement = Field("embedded", description="Reserve/settle only needs Redis: embedded by default.")
     guard: Placement = Field("embedded", description="Rate limits only need Redis: embedded by default.")
+    router: Placement = Field(
+        "embedded", description="Rules and the Redis cache need no hop; the Embedder is called either way.")
 
 
 class GatewayConfig(BaseConfig):

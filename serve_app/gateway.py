@@ -28,7 +28,7 @@ from deployments.cost_guard import CostGuard
 from deployments.guard import Guard, check_request_size
 from deployments.guard_protocol import GuardDecision
 from deployments.injection import InjectionDetector, Verdict, user_text
-from deployments.router import Router
+from deployments.router import RoutePlan, Router
 from deployments.ledger import LedgerBuffer, RequestRecord
 from deployments.privacy import Content
 from serve_app import __version__
@@ -119,6 +119,7 @@ class Gateway:
         guard: the Guard's handle when it is placed as a deployment; None embeds it here.
         semantic_cache: the SemanticCache's handle; None keeps the cache exact-only.
         retriever: the Retriever's handle; None turns RAG off.
+        router: the Router's handle when it is placed as a deployment; None embeds it here.
     """
 
     def __init__(
@@ -132,6 +133,7 @@ class Gateway:
         guard: DeploymentHandle | None = None,
         semantic_cache: DeploymentHandle | None = None,
         retriever: DeploymentHandle | None = None,
+        router: DeploymentHandle | None = None,
     ) -> None:
         self.config = config
         redis = redis_client(redis_url)
@@ -148,8 +150,7 @@ class Gateway:
                                       also=[self._promote_experiments])
         semantic = Placed("SemanticCache", semantic_cache, remote=True) if semantic_cache is not None else None
         self.cache = ResponseCache(config.cache, redis_url, semantic)
-        self.router = Router(config.router, redis_url, Placed("Embedder", embedder, remote=True,
-                                                              timeout_s=EMBEDDER_CALL_TIMEOUT_S))
+        self.router = Placed("Router", router or Router(config.router, redis_url, embedder), remote=router is not None)
         self.injection = InjectionDetector(config.guard.injection, Placed("Embedder", embedder, remote=True,
                                                                           timeout_s=EMBEDDER_CALL_TIMEOUT_S))
         self.embedder = embedder
@@ -307,9 +308,10 @@ class Gateway:
 
     async def _route(self, key: APIKey, body: ChatCompletionRequest, record: RequestRecord) -> ModelConfig:
         """``model: auto``: classify the request and take the model its category (or domain) is routed to."""
-        if not self.router.enabled_for(key.tenant):
+        if not self.config.router.enabled_for(key.tenant):
             raise ModelNotFoundError("The model 'auto' needs a routing table (router.tiers).", param="model")
-        plan = await self.router.route(query_of(body), key.tenant, {m.name: m.fallbacks for m in self.config.models})
+        fallbacks = {m.name: m.fallbacks for m in self.config.models}
+        plan: RoutePlan = await self.router("route", query_of(body), key.tenant, fallbacks)
         c = plan.classification
         record.route, record.category, record.domain = plan.header(), c.category, c.domain
         record.route_reason = f"{c.classifier}: {c.reason}"[:500]

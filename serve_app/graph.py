@@ -12,6 +12,7 @@ from ray.serve.deployment import Deployment
 
 from deployments.cost_guard import CostGuard
 from deployments.retriever import Retriever
+from deployments.router import Router
 from deployments.semantic_cache import SemanticCache
 from deployments.embedder import Embedder
 from deployments.guard import Guard
@@ -81,6 +82,9 @@ def build_component_deployments(config: GatewayConfig, redis_url: str, embedder:
     if config.placement.cost_guard == "deployment":
         deployment = serve.deployment(CostGuard, name="CostGuard", **DEFAULT_COMPONENT_OPTIONS)
         components["cost_guard"] = deployment.bind(config.cost_guard, redis_url, config.prices())
+    if config.placement.router == "deployment":
+        components["router"] = serve.deployment(Router, name="Router", **DEFAULT_COMPONENT_OPTIONS).bind(
+            config.router, redis_url, embedder)
     if config.placement.guard == "deployment":
         components["guard"] = serve.deployment(Guard, name="Guard", **DEFAULT_COMPONENT_OPTIONS).bind(
             config.guard, redis_url)

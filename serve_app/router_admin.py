@@ -30,12 +30,11 @@ class ClassifyRequest(BaseModel):
 @router.post("/classify")
 async def classify(body: ClassifyRequest, gateway: "Gateway" = Depends(get_gateway)) -> dict[str, Any]:
     """The route plan ``model: auto`` would get for this text, with the classifier's reasons (never cached)."""
-    classification = await gateway.router.classify(body.text, use_cache=False)
-    tiers = {**gateway.config.router.tiers, **gateway.config.router.tenant_tiers.get(body.tenant or "", {})}
+    classification = await gateway.router("classify", body.text, use_cache=False)
     plan = None
-    if tiers:
+    if gateway.config.router.enabled_for(body.tenant or ""):
         fallbacks = {m.name: m.fallbacks for m in gateway.config.models}
-        plan = (await gateway.router.route(body.text, body.tenant or "", fallbacks)).model_dump(
+        plan = (await gateway.router("route", body.text, body.tenant or "", fallbacks)).model_dump(
             exclude={"classification"})
     return {"object": "router.decision", "classification": classification.model_dump(), "plan": plan}
 

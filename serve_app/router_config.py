@@ -33,6 +33,10 @@ class RouterConfig(BaseConfig):
     rules_margin: PositiveInt = Field(1, description="Rule score lead over the runner-up that counts as sure.")
     cache_ttl_s: PositiveInt = Field(3600, description="How long a text's classification is kept in Redis.")
 
+    def enabled_for(self, tenant: str) -> bool:
+        """Whether ``model: auto`` can be routed for this tenant (a tier table exists)."""
+        return bool(self.tenant_tiers.get(tenant) or self.tiers)
+
     def model_names(self) -> set[str]:
         """Every model the router may pick (checked against the configured models)."""
         names = set(self.tiers.values()) | set(self.domains.values())

@@ -64,7 +64,8 @@ def costs_args(upstream_url: str, data_dir: Path, redis_url: str, placement: str
         ],
         "stores": {"redis_url": redis_url, "data_dir": str(data_dir)},
         "gateway": {"ledger_flush_interval_s": 0.1},
-        "placement": {"cost_guard": placement, "guard": placement},
+        "placement": {"cost_guard": placement, "guard": placement, "router": placement},
+        "router": {"tiers": {"simple_explanation": "cheap", "deep_analysis": "echo"}},
         # 500 requests at once from a new key are a flood: off here, this app tests quotas and rpm.
         "guard": {"plans": {"free": {}, "premium": {}, "enterprise": {"requests_per_minute": RPM}},
                   "flood": {"enabled": False}},
@@ -265,3 +266,11 @@ def test_rate_limit_is_exact_across_two_gateway_replicas(costs: dict[str, Any]) 
     assert all(1 <= int(r.headers["retry-after"]) <= 120 for r in denied)
     assert all(r.headers["x-ratelimit-limit-requests"] == str(RPM) for r in allowed + denied)
     assert sorted(int(r.headers["x-ratelimit-remaining-requests"]) for r in allowed) == list(range(RPM))
+
+
+def test_model_auto_is_routed_in_either_placement(costs: dict[str, Any]) -> None:
+    response = httpx.post(f"{costs['base_url']}/v1/chat/completions", timeout=30,
+                          json={"model": "auto", "messages": [{"role": "user", "content": "What is a hen?"}]},
+                          headers={"Authorization": f"Bearer {key_for(costs, 'premium')}"})
+    assert response.status_code == 200, response.text
+    assert response.headers["x-raygate-route"] == "simple_explanation/cheap"
