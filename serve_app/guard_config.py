@@ -106,7 +106,10 @@ class InjectionConfig(BaseConfig):
         "prompt_rejected naming the rule; off: skip.")
     tenant_actions: dict[str, InjectionAction] = Field(default_factory=dict, description="Per-tenant action.")
     patterns: bool = Field(True, description="Run the pattern rules.")
-    embedding: bool = Field(True, description="Compare with known attack prompts through the Embedder.")
+    embedding: bool = Field(
+        False, description="Also compare with known attack prompts through the Embedder: one Embedder call per "
+        "chat request; with all-MiniLM-L6-v2 it added no recall over the patterns (bench.injection), so it is "
+        "off unless turned on, e.g. with a multilingual model or an operator's own attacks_file.")
     similarity_threshold: float = Field(
         0.85, gt=0, le=1, description="Cosine similarity to a known attack that flags a chunk (bench.injection).")
     attacks_file: str | None = Field(None, description="More known attack prompts, one per line, added to the shipped list.")
