@@ -15,6 +15,7 @@ from __future__ import annotations
 import fnmatch
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -86,10 +87,11 @@ class ResponseCache:
         redis_url: where entries live.
         semantic: the SemanticCache, placed (None: exact layer only).
         key_prefix: namespace of every key (tests use one per test).
+        on_evict: told how many entries each store evicted (metrics).
     """
 
     def __init__(self, config: CacheConfig, redis_url: str, semantic: Placed | None, *,
-                 key_prefix: str = "raygate:cache") -> None:
+                 key_prefix: str = "raygate:cache", on_evict: Callable[[int], None] | None = None) -> None:
         self.config = config
         self.redis = redis_client(redis_url)
         self.semantic = semantic if config.semantic.enabled else None
@@ -98,6 +100,7 @@ class ResponseCache:
         self._put = self.redis.register_script(_PUT_LUA)
         self._get = self.redis.register_script(_GET_LUA)
         self.errors = 0  # store failures seen by this replica (also logged)
+        self._on_evict = on_evict
 
     def plan(self, body: ChatCompletionRequest, tenant: str, model: str, cache_control_header: str | None,
              template_version: str | None = None) -> CachePlan:
@@ -156,6 +159,8 @@ class ResponseCache:
         except redis.exceptions.RedisError as exc:  # a cache that cannot store only loses a future hit
             self._failed("store", exc)
             return False
+        if evicted and self._on_evict is not None:
+            self._on_evict(len(evicted))
         if self.semantic is not None and (plan.text is not None or evicted):
             try:
                 if plan.text is not None:

@@ -65,6 +65,8 @@ class RequestRecord(BaseModel):
     completion_tokens: int = 0
     cost_usd: float = 0.0
     latency_ms: float = 0.0
+    ttft_ms: float | None = Field(None, description="Time to the first byte of the answer.")
+    upstream_ms: float | None = Field(None, description="Time spent in model calls.")
     status: int = 200
     error_code: str | None = None
     stream: bool = False

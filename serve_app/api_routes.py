@@ -13,10 +13,11 @@ from deployments.cost_guard_protocol import UsageReport
 from deployments.ledger import FeedbackRecord
 from serve_app.auth import APIKey
 from serve_app.constants import EMBEDDER_CALL_TIMEOUT_S, LEDGER_CALL_TIMEOUT_S
-from serve_app.deps import authenticate, get_gateway
+from serve_app.deps import authenticate, get_gateway, require_admin
 from serve_app.errors import InvalidRequestError, ModelNotFoundError, NotFoundError
 from serve_app.handles import call
 from serve_app.http_parts import encode_vectors, probe
+from serve_app.metrics import local_metrics
 from serve_app.protocol import (
     EmbeddingData, EmbeddingRequest, EmbeddingResponse, EmbeddingUsage, FeedbackRequest, ModelCard, ModelList,
 )
@@ -86,3 +87,9 @@ async def health(gateway: "Gateway" = Depends(get_gateway)) -> Response:
     healthy = all(ok == "ok" for name, ok in status.items() if name not in optional)
     body = {"status": "ok" if healthy else "degraded", "components": status}
     return Response(orjson.dumps(body), status_code=200 if healthy else 503, media_type="application/json")
+
+
+@router.get("/metrics", dependencies=[Depends(require_admin)])
+async def metrics() -> Response:
+    """This node's raygate metrics in Prometheus text (admin key; Prometheus scrapes Ray's agents at scale)."""
+    return Response(await local_metrics(), media_type="text/plain; version=0.0.4")

@@ -67,6 +67,7 @@ from serve_app.grounding import Grounding, ground, query_of
 from serve_app.experimenting import ExperimentCache, with_variant
 from serve_app.prompting import TemplateCache, with_template
 from serve_app.handles import call, next_item
+from serve_app.metrics import GatewayMetrics
 from serve_app.middleware import RequestContextMiddleware, install_cors, install_error_handlers
 from serve_app.placement import Placed
 from serve_app.records import fill_record
@@ -147,9 +148,11 @@ class Gateway:
         self.guard = Placed("Guard", guard or Guard(config.guard, redis_url), remote=guard is not None)
         self.watcher = AnomalyWatcher(self.guard, self.alerter, redis,
                                       config.guard.anomaly.scan_interval_s if config.guard.anomaly.enabled else 0,
-                                      also=[self._promote_experiments])
+                                      also=[self._promote_experiments, self._budget_gauges])
         semantic = Placed("SemanticCache", semantic_cache, remote=True) if semantic_cache is not None else None
-        self.cache = ResponseCache(config.cache, redis_url, semantic)
+        self.metrics = GatewayMetrics()
+        self.cache = ResponseCache(config.cache, redis_url, semantic,
+                                   on_evict=lambda n: self.metrics.inc("raygate_cache_evictions", n))
         self.router = Placed("Router", router or Router(config.router, redis_url, embedder), remote=router is not None)
         self.injection = InjectionDetector(config.guard.injection, Placed("Embedder", embedder, remote=True,
                                                                           timeout_s=EMBEDDER_CALL_TIMEOUT_S))
@@ -227,6 +230,7 @@ class Gateway:
         record.cache_status = plan.status
         try:
             answer = await self.dispatcher.first_answer(body, model, attempts, client_language(request))
+            record.ttft_ms, record.upstream_ms = (time.perf_counter() - started) * 1000, answer.upstream_s * 1000
         except RaygateError as exc:
             self._record(record, started, None, None, exc, attempts)
             exc.headers = {**exc.headers, "x-raygate-attempts": str(len(attempts))}
@@ -265,7 +269,7 @@ class Gateway:
     def _serve_hit(self, hit: CacheHit, body: ChatCompletionRequest, record: RequestRecord, model: ModelConfig,
                    started: float, limits: GuardDecision, extension: dict[str, Any] | None) -> Response:
         """Answer from the cache at once (streamed if asked): nothing billed, the saving recorded."""
-        record.cache_status = hit.status
+        record.cache_status, record.ttft_ms = hit.status, (time.perf_counter() - started) * 1000
         record.content.answer = hit.entry.content  # type: ignore[union-attr]
         record.saved_usd = model.cost_usd(hit.entry.usage.prompt_tokens, hit.entry.usage.completion_tokens)
         self.spend.background.spawn(self.cache.count(hit.status, record.saved_usd))
@@ -305,6 +309,13 @@ class Gateway:
                                     LEDGER_CALL_TIMEOUT_S, "Ledger")
                 if result.get("promoted"):
                     self.experiments.forget()
+
+    async def _budget_gauges(self) -> None:
+        """What is left of each USD budget, as gauges (once a minute, by one replica)."""
+        for budget in await self.spend.cost_guard("budget_status"):
+            if budget.limit_usd is not None:
+                left = max(budget.limit_usd - budget.used_usd - budget.reserved_usd, 0.0)
+                self.metrics.set("raygate_budget_remaining_usd", left, budget=budget.id)
 
     async def _route(self, key: APIKey, body: ChatCompletionRequest, record: RequestRecord) -> ModelConfig:
         """``model: auto``: classify the request and take the model its category (or domain) is routed to."""
@@ -374,6 +385,7 @@ class Gateway:
         if reserved:
             self.spend.finish(record.id, model, usage)
         self.ledger_buffer.add(fill_record(record, started, model, usage, error, attempts))
+        self.metrics.observe(record)
 
     async def _send_to_ledger(self, rows: list[RequestRecord]) -> None:
         await call(self.ledger.record.remote(rows), LEDGER_CALL_TIMEOUT_S, "Ledger")
