@@ -46,6 +46,22 @@ def create_key(redis_url: str, tenant: str, user: str, plan: str, *, admin: bool
     return asyncio.run(create())
 
 
+def ledger_row(deployed: "Deployed", request_id: str) -> dict[str, Any]:
+    """The ledger's row of a request, once the gateway's buffer has sent it (polled, 10 s at most)."""
+    import time
+
+    import httpx
+
+    deadline = time.monotonic() + 10
+    while True:
+        rows = httpx.get(f"{deployed.base_url}/admin/requests", params={"limit": 100},
+                         headers={"Authorization": f"Bearer {deployed.admin_key}"}).json()
+        row = next((r for r in rows if r["id"] == request_id), None)
+        if row is not None:
+            return dict(row)
+        assert time.monotonic() < deadline, "the request never reached the ledger"
+
+
 @dataclass
 class Deployed:
     """What the tests talk to."""

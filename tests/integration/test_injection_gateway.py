@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import time
 from typing import Any
 
 import httpx
 import pytest
 
-from tests.integration.conftest import INJECTION_BLOCKING_TENANT, Deployed, create_key
+from tests.integration.conftest import INJECTION_BLOCKING_TENANT, Deployed, create_key, ledger_row
 
 pytestmark = pytest.mark.integration
 
@@ -19,17 +18,6 @@ def chat(deployed: Deployed, text: str, key: str | None = None) -> httpx.Respons
     body: dict[str, Any] = {"model": "echo", "messages": [{"role": "user", "content": text}]}
     return httpx.post(f"{deployed.base_url}/v1/chat/completions", json=body, timeout=30,
                       headers={"Authorization": f"Bearer {key or deployed.api_key}"})
-
-
-def ledger_row(deployed: Deployed, request_id: str) -> dict[str, Any]:
-    deadline = time.monotonic() + 10
-    while True:
-        rows = httpx.get(f"{deployed.base_url}/admin/requests", params={"limit": 100},
-                         headers={"Authorization": f"Bearer {deployed.admin_key}"}).json()
-        row = next((r for r in rows if r["id"] == request_id), None)
-        if row is not None:
-            return row
-        assert time.monotonic() < deadline, "the request never reached the ledger"
 
 
 def test_flagged_prompt_is_answered_with_the_flag(deployed: Deployed) -> None:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import time
 import uuid
 from pathlib import Path
 from typing import Any
@@ -12,7 +11,7 @@ import httpx
 import pytest
 
 from serve_app.ingest import ingest
-from tests.integration.conftest import Deployed, create_key
+from tests.integration.conftest import Deployed, create_key, ledger_row
 from tests.pdf import make_pdf
 
 pytestmark = pytest.mark.integration
@@ -63,14 +62,7 @@ def test_chat_gets_numbered_sources_and_returns_citations(deployed: Deployed, co
     system = deployed.upstream.last_body["messages"][0]["content"]
     assert system.startswith("You help farmers.") and "[1] (light)" in system and "16 hours" in system
     assert "rag" not in deployed.upstream.last_body
-    deadline = time.monotonic() + 10
-    while True:
-        rows = httpx.get(f"{deployed.base_url}/admin/requests", params={"limit": 50},
-                         headers={"Authorization": f"Bearer {deployed.admin_key}"}).json()
-        row = next((r for r in rows if r["id"] == response.headers["x-request-id"]), None)
-        if row is not None:
-            break
-        assert time.monotonic() < deadline
+    row = ledger_row(deployed, response.headers["x-request-id"])
     assert row["rag_chunks"].startswith("light#0") and row["rag_ms"] > 0
 
 

@@ -8,7 +8,7 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.integration.conftest import Deployed
+from tests.integration.conftest import Deployed, ledger_row
 
 pytestmark = pytest.mark.integration
 
@@ -35,13 +35,7 @@ def test_auto_routes_by_category_and_domain(deployed: Deployed, text: str, route
     assert response.status_code == 200, response.text
     assert response.headers["x-raygate-route"] == route
     assert response.headers["x-raygate-model"] == route.split("/")[1]
-    deadline = time.monotonic() + 10
-    while True:
-        rows = admin(deployed, "GET", "/requests", params={"limit": 50}).json()
-        row = next((r for r in rows if r["id"] == response.headers["x-request-id"]), None)
-        if row is not None:
-            break
-        assert time.monotonic() < deadline
+    row = ledger_row(deployed, response.headers["x-request-id"])
     assert (row["requested_model"], row["route"], row["model"]) == ("auto", route, route.split("/")[1])
     assert row["category"] == route.split("/")[0] and row["route_reason"]
 

@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import time
 import uuid
 from typing import Any
 
 import httpx
 import pytest
 
-from tests.integration.conftest import Deployed
+from tests.integration.conftest import Deployed, ledger_row
 
 pytestmark = pytest.mark.integration
 
@@ -33,14 +32,7 @@ def test_seeded_template_becomes_the_system_prompt(deployed: Deployed) -> None:
     assert sent[0]["role"] == "system" and sent[0]["content"].startswith("You are a patient maths tutor for a CM2")
     assert "answer in French" in sent[0]["content"] and [m["role"] for m in sent] == ["system", "user"]
     assert "template" not in deployed.upstream.last_body
-    deadline = time.monotonic() + 10
-    while True:
-        rows = httpx.get(f"{deployed.base_url}/admin/requests", params={"limit": 50},
-                         headers={"Authorization": f"Bearer {deployed.admin_key}"}).json()
-        row = next((r for r in rows if r["id"] == response.headers["x-request-id"]), None)
-        if row:
-            break
-        assert time.monotonic() < deadline
+    row = ledger_row(deployed, response.headers["x-request-id"])
     assert row["template"] == "tutor@v1"
 
 
