@@ -18,7 +18,7 @@ from typing import Literal
 
 from pydantic import BaseModel, Field
 
-from deployments import experiment_stats, experiments, privacy, reports, templates
+from deployments import experiment_stats, experiments, overview, privacy, reports, templates
 from deployments.privacy import AuditEntry, Content
 from serve_app.config import LedgerConfig
 
@@ -136,7 +136,7 @@ _INSERT_ATTEMPT = (
 _OPERATIONS = {f"{fn.__module__.rsplit('.', 1)[-1]}.{fn.__name__}": fn for fn in (
     templates.get, templates.versions, templates.names, templates.add_version, templates.activate,
     templates.rollback, templates.diff, experiments.create, experiments.get, experiments.listing,
-    experiments.transition)}
+    experiments.transition, overview.summary)}
 _OPERATIONS["experiments.evaluate"] = experiment_stats.evaluate
 
 
@@ -246,7 +246,7 @@ class Ledger:
         """Prompt templates and experiments, each operation in one transaction: ``templates.get``,
         ``templates.versions``, ``templates.names``, ``templates.add_version``, ``templates.activate``,
         ``templates.rollback``, ``templates.diff``, ``experiments.create``, ``experiments.get``,
-        ``experiments.listing``, ``experiments.transition``, ``experiments.evaluate``."""
+        ``experiments.listing``, ``experiments.transition``, ``experiments.evaluate``, ``overview.summary``."""
         work = _OPERATIONS[operation]
 
         def run() -> object:

@@ -70,9 +70,8 @@ async def embeddings(body: EmbeddingRequest, key: APIKey = Depends(authenticate)
     data = [EmbeddingData(index=i, embedding=e) for i, e in enumerate(encoded)]
     return EmbeddingResponse(data=data, model=body.model, usage=EmbeddingUsage(prompt_tokens=tokens, total_tokens=tokens))
 
-@router.get("/health")
-async def health(gateway: "Gateway" = Depends(get_gateway)) -> Response:
-    """Each component's status; 503 when a required one is down."""
+async def component_health(gateway: "Gateway") -> dict[str, str]:
+    """Each component's status, ``ok`` or ``down``."""
     checks: dict[str, Any] = {f"model:{name}": h.check_health.remote() for name, h in gateway.models.items()}
     checks["embedder"] = gateway.embedder.check_health.remote()
     checks["ledger"] = gateway.ledger.check_health.remote()
@@ -82,7 +81,13 @@ async def health(gateway: "Gateway" = Depends(get_gateway)) -> Response:
         checks["semantic_cache"] = gateway.cache.semantic("check_health")
     checks["redis"] = gateway.keys.redis.ping()
     results = await asyncio.gather(*(probe(c) for c in checks.values()))
-    status = dict(zip(checks, results))
+    return dict(zip(checks, results))
+
+
+@router.get("/health")
+async def health(gateway: "Gateway" = Depends(get_gateway)) -> Response:
+    """Each component's status; 503 when a required one is down."""
+    status = await component_health(gateway)
     optional = {f"model:{m.name}" for m in gateway.config.models if not m.required}
     healthy = all(ok == "ok" for name, ok in status.items() if name not in optional)
     body = {"status": "ok" if healthy else "degraded", "components": status}

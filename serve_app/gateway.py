@@ -36,6 +36,7 @@ from serve_app.admin import router as admin_router
 from serve_app.cache_admin import router as cache_admin_router
 from serve_app.privacy_admin import router as privacy_admin_router
 from serve_app.api_routes import router as api_router
+from serve_app.overview_admin import router as overview_router
 from serve_app.rag_routes import router as rag_router
 from serve_app.router_admin import router as router_admin_router
 from serve_app.experiment_admin import router as experiment_admin_router
@@ -99,6 +100,7 @@ app.include_router(cost_admin_router)
 app.include_router(cache_admin_router)
 app.include_router(privacy_admin_router)
 app.include_router(api_router)
+app.include_router(overview_router)
 app.include_router(rag_router)
 app.include_router(router_admin_router)
 app.include_router(template_admin_router)

@@ -113,7 +113,9 @@ def ray_cluster() -> Iterator[int]:
 FAST_RETRY = {"max_attempts": 3, "initial_backoff_s": 0.05, "max_backoff_s": 0.2, "attempt_timeout_s": 1.0,
               "total_timeout_s": 6.0, "max_retry_after_s": 5.0}
 NO_CIRCUIT = {"enabled": False}
-NO_RATE_LIMITS = {"plans": {"free": {}, "premium": {}, "enterprise": {}}}
+# One key sends the whole suite's traffic, in bursts (fuzzing, load tests): neither rate limits nor
+# flood blocks here (tests/deployments/test_guard.py and test_cost_guard_gateway.py test them).
+NO_RATE_LIMITS = {"plans": {"free": {}, "premium": {}, "enterprise": {}}, "flood": {"enabled": False}}
 UNAVAILABLE_FR = "Le service est momentanément indisponible."
 INJECTION_BLOCKING_TENANT = "strict-school"
 

@@ -52,3 +52,21 @@ def test_known_traffic_is_counted(deployed: Deployed) -> None:
     assert value(text, "raygate_tokens_total", model="echo", kind="completion") > 0
     assert value(text, "raygate_cost_usd_total", tag=tag, tenant="acme", model="echo") > 0
     assert "# TYPE raygate_upstream_latency_seconds histogram" in text
+
+
+def test_overview_matches_the_ledger_and_reports_health(deployed: Deployed) -> None:
+    admin = {"Authorization": f"Bearer {deployed.admin_key}"}
+    started = time.time()
+    body = {"model": "echo", "messages": [{"role": "user", "content": f"overview {uuid.uuid4()}"}]}
+    ids = [httpx.post(f"{deployed.base_url}/v1/chat/completions", json=body, timeout=30,
+                      headers={"Authorization": f"Bearer {deployed.api_key}"}).headers["x-request-id"]
+           for _ in range(2)]
+    overview = httpx.get(f"{deployed.base_url}/admin/overview", params={"from_ts": started}, headers=admin,
+                         timeout=30).json()
+    rows = [r for r in httpx.get(f"{deployed.base_url}/admin/requests", params={"limit": 1000}, headers=admin,
+                                 timeout=30).json() if r["created_at"] >= started]
+    assert {r["id"] for r in rows} >= set(ids)
+    assert overview["requests"] == len(rows) and overview["latency_ms"]["p50"] > 0
+    assert overview["cost_usd"] == pytest.approx(sum(r["cost_usd"] for r in rows))
+    assert overview["health"]["ledger"] == "ok" and overview["health"]["model:echo"] == "ok"
+    assert isinstance(overview["budgets"], list) and isinstance(overview["experiments"], list)
