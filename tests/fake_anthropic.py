@@ -1,6 +1,13 @@
 """The Anthropic side of the fake upstream: ``POST /v1/messages`` answers, events and checks.
 
 Kept apart from ``fake_upstream.py`` (the server, faults, the OpenAI routes) so each stays small.
+
+``/v1/messages`` honours ``stop_sequences``: the text ends before the first one
+(``stop_reason`` ``"stop_sequence"``). It is stricter than Anthropic about roles:
+``user`` and ``assistant`` must alternate, starting with ``user``, so tests catch a
+translation that forgot to merge turns. Like Anthropic, it refuses sampling
+parameters under ``anthropic-version`` 2026-10-21 (SDK 2.x's default) and later, and
+a ``temperature`` above 1 under older versions.
 """
 
 from __future__ import annotations
@@ -8,6 +15,7 @@ from __future__ import annotations
 from typing import Any
 
 import orjson
+from aiohttp import web
 
 from tests.fake_common import PHRASE, _text_of, count_prompt_words
 
@@ -25,6 +33,13 @@ _NO_SAMPLING_API_VERSION = "2026-10-21"
 def anthropic_error_type(status: int) -> str:
     """Return the error ``type`` Anthropic sends with ``status``."""
     return _ANTHROPIC_ERROR_TYPES.get(status, "api_error" if status >= 500 else "invalid_request_error")
+
+
+def anthropic_error_response(status: int, message: str, retry_after_s: float | None = None) -> web.Response:
+    """An error in Anthropic's shape (``{"type": "error", "error": {...}}``)."""
+    body = {"type": "error", "error": {"type": anthropic_error_type(status), "message": message}}
+    headers = {"Retry-After": f"{retry_after_s:g}"} if retry_after_s is not None else None
+    return web.Response(status=status, body=orjson.dumps(body), content_type="application/json", headers=headers)
 
 
 def count_input_words(body: dict[str, Any]) -> int:

@@ -1,8 +1,36 @@
-"""What both sides of the fake upstream (OpenAI and Anthropic) count and say."""
+"""What both sides of the fake upstream (OpenAI and Anthropic) count and say, and the faults they share."""
 
 from __future__ import annotations
 
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, Literal
+
+FaultKind = Literal["status", "hang", "drop", "no_usage", "stream_error"]
+DEFAULT_HANG_S = 60.0
+
+
+@dataclass
+class Fault:
+    """One queued fault.
+
+    Attributes:
+        kind: ``status`` (answer ``status`` with an OpenAI error body), ``hang`` (sleep
+            ``hang_s`` before any header), ``drop`` (close the connection after
+            ``after_chunks`` SSE frames; non-stream requests get half a body) or
+            ``no_usage`` (answer normally, without usage) or ``stream_error`` (Anthropic
+            streams only: an ``error`` event after ``after_chunks`` events, of the type
+            Anthropic uses for ``status``; other requests answer normally).
+        times: requests it applies to; ``None`` means every request until ``reset()``.
+    """
+
+    kind: FaultKind
+    times: int | None = 1
+    status: int = 500
+    message: str = "fake upstream failure"
+    retry_after_s: float | None = None
+    hang_s: float = DEFAULT_HANG_S
+    after_chunks: int = 2
+
 
 PHRASE = "the quick brown fox jumps over the lazy dog".split()
 

@@ -11,12 +11,8 @@ assert what an engine reports and benchmarks measure raygate, not a model:
 * ``prompt_tokens`` is the number of whitespace-separated words in all message
   contents; ``completion_tokens`` the number of words emitted (one per content chunk).
   Anthropic's ``input_tokens`` counts the words of ``system`` too;
-* ``/v1/messages`` honours ``stop_sequences``: the text ends before the first one
-  (``stop_reason`` ``"stop_sequence"``). It is stricter than Anthropic about roles:
-  ``user`` and ``assistant`` must alternate, starting with ``user``, so tests catch
-  a translation that forgot to merge turns. Like Anthropic, it refuses sampling
-  parameters under ``anthropic-version`` 2026-10-21 (SDK 2.x's default) and later,
-  and a ``temperature`` above 1 under older versions.
+* ``/v1/messages`` behaves as ``tests/fake_anthropic.py`` says (stop sequences, strict
+  roles, Anthropic's rules on sampling parameters).
 
 Faults are queued at run time, from Python (``fail``, ``hang``, ``drop_stream``,
 ``omit_usage``, ``stream_error``) or with ``POST /_control``; each request takes the
@@ -53,8 +49,8 @@ import logging
 import threading
 from collections import deque
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass
-from typing import Any, Literal
+from dataclasses import asdict
+from typing import Any
 
 import orjson
 from aiohttp import web
@@ -66,79 +62,16 @@ from tests.fake_anthropic import (
     _roles_error,
     _sampling_error,
     _sse_event,
+    anthropic_error_response,
     anthropic_error_type,
     count_input_words,
 )
-from tests.fake_common import count_prompt_words
+from tests.fake_common import DEFAULT_HANG_S, Fault, count_prompt_words
+from tests.fake_openai import _Answer, _usage
 
 logger = logging.getLogger(__name__)
 
-FaultKind = Literal["status", "hang", "drop", "no_usage", "stream_error"]
 DEFAULT_WORDS = 16
-DEFAULT_HANG_S = 60.0
-
-
-@dataclass
-class Fault:
-    """One queued fault.
-
-    Attributes:
-        kind: ``status`` (answer ``status`` with an OpenAI error body), ``hang`` (sleep
-            ``hang_s`` before any header), ``drop`` (close the connection after
-            ``after_chunks`` SSE frames; non-stream requests get half a body) or
-            ``no_usage`` (answer normally, without usage) or ``stream_error`` (Anthropic
-            streams only: an ``error`` event after ``after_chunks`` events, of the type
-            Anthropic uses for ``status``; other requests answer normally).
-        times: requests it applies to; ``None`` means every request until ``reset()``.
-    """
-
-    kind: FaultKind
-    times: int | None = 1
-    status: int = 500
-    message: str = "fake upstream failure"
-    retry_after_s: float | None = None
-    hang_s: float = DEFAULT_HANG_S
-    after_chunks: int = 2
-
-
-class _Answer:
-    """Precomputed bytes of one (model, word count) answer."""
-
-    def __init__(self, model: str, n_words: int, finish_reason: str) -> None:
-        self.n_words = n_words
-        pieces = _pieces(n_words)
-        self.text = "".join(pieces)
-        m = orjson.dumps(model)
-        head = b'{"id":"chatcmpl-fake","object":"chat.completion.chunk","created":0,"model":' + m
-        self.json_head = (
-            b'{"id":"chatcmpl-fake","object":"chat.completion","created":0,"model":' + m
-            + b',"choices":[{"index":0,"message":{"role":"assistant","content":' + orjson.dumps(self.text)
-            + b'},"finish_reason":"' + finish_reason.encode() + b'"}]'
-        )
-
-        def frame(delta: bytes, finish: bytes, usage_null: bool) -> bytes:
-            tail = b',"usage":null' if usage_null else b""
-            return (
-                b"data: " + head + b',"choices":[{"index":0,"delta":' + delta
-                + b',"finish_reason":' + finish + b"}]" + tail + b"}\n\n"
-            )
-
-        # Two renderings of the frames: with and without OpenAI's '"usage":null'.
-        self.frames: dict[bool, list[bytes]] = {}
-        for usage_null in (False, True):
-            frames = [frame(b'{"role":"assistant","content":""}', b"null", usage_null)]
-            frames += [frame(b'{"content":' + orjson.dumps(p) + b"}", b"null", usage_null) for p in pieces]
-            frames.append(frame(b"{}", b'"' + finish_reason.encode() + b'"', usage_null))
-            self.frames[usage_null] = frames
-        self.joined = {k: b"".join(v) for k, v in self.frames.items()}
-        self.usage_head = b"data: " + head + b',"choices":[],"usage":'
-
-
-# Anthropic's error ``type`` per HTTP status: https://docs.anthropic.com/en/api/errors
-
-
-def _usage(prompt: int, completion: int) -> bytes:
-    return b'{"prompt_tokens":%d,"completion_tokens":%d,"total_tokens":%d}' % (prompt, completion, prompt + completion)
 
 
 class FakeUpstream:
@@ -384,29 +317,22 @@ class FakeUpstream:
         stop_reason = "stop_sequence" if hit is not None else "max_tokens" if n_words < self.words else "end_turn"
         return _MessagesAnswer(model, pieces, stop_reason, hit)
 
-    @staticmethod
-    def _anthropic_error(status: int, message: str, retry_after_s: float | None = None) -> web.Response:
-        body = {"type": "error", "error": {"type": anthropic_error_type(status), "message": message}}
-        headers = {"Retry-After": f"{retry_after_s:g}"} if retry_after_s is not None else None
-        return web.Response(status=status, body=orjson.dumps(body), content_type="application/json",
-                            headers=headers)
-
     async def _messages(self, request: web.Request) -> web.StreamResponse:
         """Anthropic's ``POST /v1/messages``: https://docs.anthropic.com/en/api/messages"""
         body, fault = await self._read(request)
         if not isinstance(body, dict) or not isinstance(body.get("messages"), list):
-            return self._anthropic_error(400, "messages: Field required")
+            return anthropic_error_response(400, "messages: Field required")
         limit = body.get("max_tokens")
         if not isinstance(limit, int) or limit < 1:
-            return self._anthropic_error(400, "max_tokens: Field required")
+            return anthropic_error_response(400, "max_tokens: Field required")
         refusal = _roles_error(body["messages"]) or _sampling_error(request.headers.get("anthropic-version", ""), body)
         if refusal is not None:
-            return self._anthropic_error(400, refusal)
+            return anthropic_error_response(400, refusal)
         if fault is not None and fault.kind == "status":
-            return self._anthropic_error(fault.status, fault.message, fault.retry_after_s)
+            return anthropic_error_response(fault.status, fault.message, fault.retry_after_s)
         stops = body.get("stop_sequences") or []
         if not isinstance(stops, list) or not all(isinstance(x, str) for x in stops):
-            return self._anthropic_error(400, "stop_sequences: Input should be a valid list of strings")
+            return anthropic_error_response(400, "stop_sequences: Input should be a valid list of strings")
         answer = self._messages_answer(str(body.get("model", "")), min(self.words, limit), stops)
         input_tokens = None if fault is not None and fault.kind == "no_usage" else count_input_words(body)
         if not body.get("stream"):
