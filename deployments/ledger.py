@@ -136,7 +136,7 @@ _INSERT_ATTEMPT = (
 _OPERATIONS = {f"{fn.__module__.rsplit('.', 1)[-1]}.{fn.__name__}": fn for fn in (
     templates.get, templates.versions, templates.names, templates.add_version, templates.activate,
     templates.rollback, templates.diff, experiments.create, experiments.get, experiments.listing,
-    experiments.transition, overview.summary)}
+    experiments.transition, overview.summary, overview.series)}
 _OPERATIONS["experiments.evaluate"] = experiment_stats.evaluate
 
 
@@ -246,7 +246,8 @@ class Ledger:
         """Prompt templates and experiments, each operation in one transaction: ``templates.get``,
         ``templates.versions``, ``templates.names``, ``templates.add_version``, ``templates.activate``,
         ``templates.rollback``, ``templates.diff``, ``experiments.create``, ``experiments.get``,
-        ``experiments.listing``, ``experiments.transition``, ``experiments.evaluate``, ``overview.summary``."""
+        ``experiments.listing``, ``experiments.transition``, ``experiments.evaluate``, ``overview.summary``,
+        ``overview.series``."""
         work = _OPERATIONS[operation]
 
         def run() -> object:

@@ -46,3 +46,26 @@ def summary(db: sqlite3.Connection, from_ts: float, to_ts: float) -> dict[str, A
         "cost_by_model": _top(db, "model", where, params), "cost_by_tenant": _top(db, "tenant", where, params),
         "cost_by_user": _top(db, "user", where, params),
     }
+
+
+def series(db: sqlite3.Connection, from_ts: float, to_ts: float, bucket_s: float) -> dict[str, Any]:
+    """The window cut into ``bucket_s`` buckets, each with requests, errors, cost, latency percentiles and
+    cache hit rate (the dashboard's charts). Empty buckets are present, with zeros and no latency."""
+    count = max(int(np.ceil((to_ts - from_ts) / bucket_s)), 1)
+    rows = db.execute("SELECT created_at, latency_ms, status, cost_usd, cache_status FROM requests "
+                      "WHERE created_at >= ? AND created_at < ?", [from_ts, to_ts]).fetchall()
+    buckets: list[list[tuple[float, int, float, str | None]]] = [[] for _ in range(count)]
+    for created, latency, status, cost, cache in rows:
+        buckets[min(int((created - from_ts) // bucket_s), count - 1)].append((latency, status, cost, cache))
+    points = []
+    for i, bucket in enumerate(buckets):
+        latencies = np.array([b[0] for b in bucket])
+        lookups = [b[3] for b in bucket if b[3] not in (None, "bypass")]
+        hits = sum(1 for c in lookups if c in ("hit", "semantic-hit"))
+        points.append({
+            "t": from_ts + i * bucket_s, "requests": len(bucket), "errors": sum(1 for b in bucket if b[1] >= 400),
+            "cost_usd": sum(b[2] for b in bucket),
+            **{f"p{q}": float(np.percentile(latencies, q)) if latencies.size else None for q in (50, 95, 99)},
+            "cache_hit_rate": hits / len(lookups) if lookups else None,
+        })
+    return {"from_ts": from_ts, "to_ts": to_ts, "bucket_s": bucket_s, "points": points}

@@ -143,8 +143,15 @@ async def recommendations(
 
 @router.get("/alerts", response_model=list[Alert])
 async def alerts(limit: int = Query(50, ge=1, le=1000), gateway: "Gateway" = Depends(get_gateway)) -> list[Alert]:
-    """Budget alerts, newest first, with their webhook delivery state."""
+    """Alerts (budget thresholds, alert rules firing or resolved, floods, anomalies), newest first, with their
+    webhook delivery state."""
     return await gateway.alerter.store.list(limit)
+
+
+@router.post("/alerts/evaluate", response_model=list[Alert])
+async def evaluate_alerts(gateway: "Gateway" = Depends(get_gateway)) -> list[Alert]:
+    """Check the alert rules now instead of at the next interval; returns the alerts fired or resolved."""
+    return await gateway.thresholds.evaluate()
 
 
 @router.get("/blocks", response_model=list[Block])

@@ -27,16 +27,15 @@ import time
 from collections.abc import Awaitable, Callable
 from datetime import datetime
 from typing import Literal, cast
-from urllib.parse import urlsplit
 
 import aiohttp
 import orjson
 import redis.asyncio as aioredis
-from pydantic import BaseModel, Field, NonNegativeFloat, PositiveFloat, PositiveInt, computed_field, field_validator
+from pydantic import BaseModel, Field, computed_field
 
 from deployments.cost_guard_protocol import BudgetStatus, ThresholdCrossing
 from deployments.guard_protocol import Anomaly
-from serve_app.config_base import BaseConfig
+from serve_app.alerts_config import AlertsConfig
 from serve_app.errors import RaygateError
 from serve_app.stores import map_redis_errors
 
@@ -46,11 +45,13 @@ __all__ = ["Alert", "AlertStore", "Alerter", "AlertsConfig", "WebhookSender"]
 
 Delivery = Literal["pending", "delivered", "failed", "unsent"]
 _RETRYABLE_STATUSES = frozenset({408, 425, 429})
-_PAYLOAD_FIELDS = {"id", "kind", "budget_id", "threshold", "period_start", "spent_fraction", "key_id", "created_at",
-                   "message"}
-_BUDGET_FIELDS = {"budget_id", "threshold", "period_start", "spent_fraction"}
-_KEY_FIELDS = {"key_id"}
-AlertKind = Literal["budget_threshold", "flood_block", "anomaly"]
+_COMMON_FIELDS = {"id", "kind", "created_at", "message"}
+_KIND_FIELDS = {  # what a webhook body carries besides the common fields
+    "budget_threshold": {"budget_id", "threshold", "period_start", "spent_fraction"},
+    "flood_block": {"key_id"}, "anomaly": {"key_id"},
+    "threshold": {"rule", "metric", "value", "limit", "state", "resolved_at"},
+}
+AlertKind = Literal["budget_threshold", "flood_block", "anomaly", "threshold"]
 
 # KEYS: alerts hash, order zset. ARGV: id, json, created_at, keep_last. Returns 1 if stored, 0 if known.
 _RECORD_LUA = """
@@ -72,24 +73,6 @@ return 1
 """
 
 
-class AlertsConfig(BaseConfig):
-    """Where budget alerts go and how hard raygate tries to deliver them."""
-
-    webhook_url: str | None = Field(None, description="http(s) URL alerts are POSTed to; None only stores them.")
-    webhook_timeout_s: PositiveFloat = Field(5.0, description="One POST, connection to answer.")
-    max_attempts: PositiveInt = Field(5, description="POSTs per alert, the first included.")
-    backoff_s: NonNegativeFloat = Field(1.0, description="Wait before the first retry; doubles each retry.")
-    max_backoff_s: NonNegativeFloat = Field(60.0, description="Longest wait between retries.")
-    keep_last: PositiveInt = Field(1000, description="Alerts kept in Redis; older ones are dropped.")
-
-    @field_validator("webhook_url")
-    @classmethod
-    def _check_url(cls, url: str | None) -> str | None:
-        if url is not None and (urlsplit(url).scheme not in ("http", "https") or not urlsplit(url).netloc):
-            raise ValueError("webhook_url must be an http(s) URL")
-        return url
-
-
 class Alert(BaseModel):
     """One alert as stored and listed (GET /admin/alerts)."""
 
@@ -100,6 +83,12 @@ class Alert(BaseModel):
     period_start: datetime | None = None
     key_id: str | None = Field(None, description="The API key (flood and anomaly alerts).")
     spent_fraction: float | None = Field(None, description="The budget's spent fraction when the alert was raised.")
+    rule: str | None = Field(None, description="The alert rule (threshold alerts).")
+    metric: str | None = Field(None, description="The rule's metric (threshold alerts).")
+    value: float | None = Field(None, description="The metric's value when fired, then when resolved.")
+    limit: float | None = Field(None, description="The rule's threshold.")
+    state: Literal["firing", "resolved"] | None = Field(None, description="Threshold alerts only.")
+    resolved_at: float | None = Field(None, description="Epoch seconds the condition cleared.")
     created_at: float = Field(description="Epoch seconds.")
     message: str
     delivery: Delivery = Field("pending", description="'unsent' when no webhook is configured.")
@@ -156,7 +145,7 @@ class AlertStore:
     """
 
     def __init__(self, redis: aioredis.Redis, *, key_prefix: str = "raygate:{alerts}", keep_last: int = 1000) -> None:
-        self.redis = redis
+        self.redis, self.key_prefix = redis, key_prefix
         self._hash, self._order = f"{key_prefix}:alerts", f"{key_prefix}:order"
         self._keep_last = keep_last
         self._record = redis.register_script(_RECORD_LUA)
@@ -227,11 +216,12 @@ class WebhookSender:
         Returns:
             The sending task; it ends with the alert's final delivery state and never raises.
         """
-        task = self._tasks.get(alert.id)
+        key = f"{alert.id}:{alert.state}"  # a resolution is sent even while its firing is
+        task = self._tasks.get(key)
         if task is None:
             task = asyncio.get_running_loop().create_task(self.deliver(alert))
-            self._tasks[alert.id] = task
-            task.add_done_callback(lambda _: self._tasks.pop(alert.id, None))
+            self._tasks[key] = task
+            task.add_done_callback(lambda _: self._tasks.pop(key, None))
         return task
 
     async def deliver(self, alert: Alert) -> Alert:
@@ -278,7 +268,7 @@ class WebhookSender:
         """POST once; return (error or None, whether the error is worth a retry)."""
         if self._session is None:
             self._session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=self.config.webhook_timeout_s))
-        fields = _PAYLOAD_FIELDS - (_KEY_FIELDS if alert.kind == "budget_threshold" else _BUDGET_FIELDS)
+        fields = _COMMON_FIELDS | _KIND_FIELDS[alert.kind]
         body = {"text": alert.message, **alert.model_dump(mode="json", include=fields)}
         try:
             async with self._session.post(

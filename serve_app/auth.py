@@ -89,7 +89,14 @@ class KeyStore:
         Raises:
             AuthenticationError: missing, unknown or revoked key.
         """
-        digest = hash_key(parse_bearer(authorization))
+        return await self.authenticate_digest(hash_key(parse_bearer(authorization)))
+
+    async def authenticate_digest(self, digest: str) -> APIKey:
+        """Return the key record for a key's sha256 (a dashboard session holds the digest, never the key).
+
+        Raises:
+            AuthenticationError: unknown or revoked key.
+        """
         if self._bootstrap_hash and hmac.compare_digest(digest, self._bootstrap_hash):
             return APIKey(key_id="bootstrap-admin", tenant="admin", user="admin", plan="enterprise", admin=True)
         async with map_redis_errors("key lookup"):

@@ -12,12 +12,13 @@ from typing import Annotated, Any, Literal
 
 from pydantic import Field, NonNegativeFloat, PositiveFloat, PositiveInt, field_validator, model_validator
 
-from serve_app.alerts import AlertsConfig
+from serve_app.alerts_config import AlertsConfig
 from serve_app.cache_config import CacheConfig
 from serve_app.config_base import BaseConfig
 from serve_app.cost_config import CostGuardConfig
 from serve_app.guard_config import GuardConfig
 from serve_app.rag_config import RetrieverConfig
+from serve_app.request_log import LogsConfig
 from serve_app.router_config import AUTO_MODEL, RouterConfig
 
 __all__ = ["BaseConfig", "GatewayConfig", "ModelConfig"]
@@ -210,6 +211,7 @@ class GatewayConfig(BaseConfig):
     retriever: RetrieverConfig = Field(default_factory=RetrieverConfig)
     router: RouterConfig = Field(default_factory=RouterConfig)
     placement: PlacementConfig = Field(default_factory=PlacementConfig)
+    logs: LogsConfig = Field(default_factory=LogsConfig)
 
     @model_validator(mode="after")
     def _check_models(self) -> "GatewayConfig":

@@ -32,17 +32,9 @@ from deployments.router import RoutePlan, Router
 from deployments.ledger import LedgerBuffer, RequestRecord
 from deployments.privacy import Content
 from serve_app import __version__
-from serve_app.admin import router as admin_router
-from serve_app.cache_admin import router as cache_admin_router
-from serve_app.privacy_admin import router as privacy_admin_router
-from serve_app.api_routes import router as api_router
-from serve_app.overview_admin import router as overview_router
-from serve_app.rag_routes import router as rag_router
-from serve_app.router_admin import router as router_admin_router
-from serve_app.experiment_admin import router as experiment_admin_router
-from serve_app.template_admin import router as template_admin_router
+from serve_app import (admin, api_routes, cache_admin, cost_admin, dashboard, experiment_admin, overview_admin,
+                       privacy_admin, rag_routes, router_admin, template_admin)
 from serve_app.router_config import AUTO_MODEL
-from serve_app.cost_admin import router as cost_admin_router
 from serve_app.alerts import Alerter
 from serve_app.auth import APIKey, KeyStore
 from serve_app.deps import authenticate
@@ -72,6 +64,7 @@ from serve_app.metrics import GatewayMetrics
 from serve_app.middleware import RequestContextMiddleware, install_cors, install_error_handlers
 from serve_app.placement import Placed
 from serve_app.records import fill_record
+from serve_app.request_log import RequestLog
 from serve_app.protocol import (
     ChatCompletionRequest,
     ChatCompletionResponse,
@@ -82,6 +75,7 @@ from serve_app.spend import TAG_HEADER, Spend, capped_request, estimate_prompt_t
 from serve_app.stores import redis_client
 from serve_app.http_parts import GatewayAPI, answer_headers, client_language
 from serve_app.streaming import sse_events
+from serve_app.thresholds import ThresholdEvaluator
 from serve_app.watch import AnomalyWatcher, flood_alert
 
 logger = logging.getLogger(__name__)
@@ -95,17 +89,10 @@ app = GatewayAPI(title="raygate", version=__version__, responses=ERROR_RESPONSES
 app.add_middleware(RequestContextMiddleware, max_body_bytes=lambda path: app.state.max_upload_bytes
                    if path.endswith("/documents") else app.state.max_body_bytes)
 install_error_handlers(app)
-app.include_router(admin_router)
-app.include_router(cost_admin_router)
-app.include_router(cache_admin_router)
-app.include_router(privacy_admin_router)
-app.include_router(api_router)
-app.include_router(overview_router)
-app.include_router(rag_router)
-app.include_router(router_admin_router)
-app.include_router(template_admin_router)
-app.include_router(experiment_admin_router)
 app.state.max_body_bytes = app.state.max_upload_bytes = 1_048_576
+for routes in (admin, cost_admin, cache_admin, privacy_admin, api_routes, overview_admin, dashboard, rag_routes,
+               router_admin, template_admin, experiment_admin):
+    app.include_router(routes.router)
 
 
 @serve.ingress(app)
@@ -148,11 +135,14 @@ class Gateway:
         self.alerter = Alerter(config.alerts, redis, budget_status=lambda: placed("budget_status"))
         self.spend = Spend(placed, on_crossings=self.alerter.notify)
         self.guard = Placed("Guard", guard or Guard(config.guard, redis_url), remote=guard is not None)
-        self.watcher = AnomalyWatcher(self.guard, self.alerter, redis,
-                                      config.guard.anomaly.scan_interval_s if config.guard.anomaly.enabled else 0,
-                                      also=[self._promote_experiments, self._budget_gauges])
+        self.thresholds = ThresholdEvaluator(config.alerts.rules, self.alerter, self._summary,
+                                             lambda: placed("budget_status"))
+        self.watcher = AnomalyWatcher(self.guard if config.guard.anomaly.enabled else None, self.alerter, redis,
+                                      config.alerts.evaluate_interval_s,
+                                      also=[self._promote_experiments, self._budget_gauges, self.thresholds.evaluate])
         semantic = Placed("SemanticCache", semantic_cache, remote=True) if semantic_cache is not None else None
         self.metrics = GatewayMetrics()
+        self.request_log = RequestLog(config.logs, config.stores.data_dir)
         self.cache = ResponseCache(config.cache, redis_url, semantic,
                                    on_evict=lambda n: self.metrics.inc("raygate_cache_evictions", n))
         self.router = Placed("Router", router or Router(config.router, redis_url, embedder), remote=router is not None)
@@ -312,6 +302,10 @@ class Gateway:
                 if result.get("promoted"):
                     self.experiments.forget()
 
+    async def _summary(self, from_ts: float, to_ts: float) -> dict[str, Any]:
+        """The ledger's overview of a window (alert rules)."""
+        return await call(self.ledger.store.remote("overview.summary", from_ts, to_ts), LEDGER_CALL_TIMEOUT_S, "Ledger")
+
     async def _budget_gauges(self) -> None:
         """What is left of each USD budget, as gauges (once a minute, by one replica)."""
         for budget in await self.spend.cost_guard("budget_status"):
@@ -388,6 +382,7 @@ class Gateway:
             self.spend.finish(record.id, model, usage)
         self.ledger_buffer.add(fill_record(record, started, model, usage, error, attempts))
         self.metrics.observe(record)
+        self.request_log.write(record)
 
     async def _send_to_ledger(self, rows: list[RequestRecord]) -> None:
         await call(self.ledger.record.remote(rows), LEDGER_CALL_TIMEOUT_S, "Ledger")

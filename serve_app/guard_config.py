@@ -90,8 +90,6 @@ class AnomalyConfig(BaseConfig):
         1.0, description="Floor on the history's standard deviation, so a flat history gives a finite z-score."
     )
     action: AnomalyAction = Field("alert", description="alert: report only; block: also block the key for block_s.")
-    scan_interval_s: float = Field(
-        60.0, ge=0, description="How often the Gateway scores keys and alerts on anomalies; 0: never.")
     block_s: PositiveInt = Field(
         900, description="How long an anomalous key is blocked when action is block, in seconds."
     )

@@ -1,8 +1,9 @@
-"""Once-a-minute work, and flood alerts: the Guard's findings as alerts, experiments' promotion.
+"""Periodic work, and flood alerts: the Guard's findings as alerts, alert rules, experiments' promotion.
 
-Every Gateway replica runs an ``AnomalyWatcher``, but a Redis lock per minute lets one
-of them score the keys; alert ids name the key and the minute, so the alert store
-records (and the webhook receives) each finding once whichever replica reports it.
+Every Gateway replica runs an ``AnomalyWatcher``, but a Redis lock per interval lets one
+of them do the work; alert ids name the key and the minute (or the rule and the time it
+fired), so the alert store records (and the webhook receives) each finding once
+whichever replica reports it.
 """
 
 from __future__ import annotations
@@ -31,18 +32,18 @@ def flood_alert(alerter: Alerter, key: APIKey, decision: GuardDecision) -> None:
 
 
 class AnomalyWatcher:
-    """Scores every active key's last minute (``Guard.anomalies``) and alerts on the outliers.
+    """Scores every active key's last minute (``Guard.anomalies``) and alerts on the outliers, then runs ``also``.
 
     Args:
-        guard: the Guard, placed.
+        guard: the Guard, placed; None skips the anomaly scan (anomalies off) but not ``also``.
         alerter: where alerts go.
         redis: for the once-a-minute lock.
         interval_s: how often to look; 0 turns the watcher off.
         lock_key: the lock's name (tests use their own).
-        also: more work for the replica that holds the minute's lock.
+        also: more work for the replica that holds the interval's lock (alert rules, promotion, gauges).
     """
 
-    def __init__(self, guard: Placed, alerter: Alerter, redis: aioredis.Redis, interval_s: float,
+    def __init__(self, guard: Placed | None, alerter: Alerter, redis: aioredis.Redis, interval_s: float,
                  lock_key: str = "raygate:guard:anomaly-scan",
                  also: list[Callable[[], Awaitable[object]]] | None = None) -> None:
         self.guard, self.alerter, self.redis = guard, alerter, redis
@@ -57,16 +58,19 @@ class AnomalyWatcher:
             self._task = asyncio.get_running_loop().create_task(self._run())
 
     async def scan_once(self, now: float | None = None) -> list[Alert]:
-        """Score the last full minute if no other replica has; alert on what is found."""
+        """Do this interval's work if no other replica has: the other tasks, then score the last full minute."""
         now = time.time() if now is None else now
-        minute = int(now // 60)
-        if not await self.redis.set(f"{self.lock_key}:{minute}", "1", nx=True, ex=120):
+        interval = max(self.interval_s, 1.0)
+        slot = int(now // interval)
+        if not await self.redis.set(f"{self.lock_key}:{slot}", "1", nx=True, ex=max(int(2 * interval), 2)):
             return []
-        for work in self.also:  # other once-a-minute work (experiments' promotion)
+        for work in self.also:
             try:
                 await work()
             except Exception as exc:  # noqa: BLE001 - one failing task must not stop the scan
                 logger.warning("Periodic task failed: %s", type(exc).__name__)
+        if self.guard is None:
+            return []
         anomalies = await self.guard("anomalies", now)
         alerts = [Alert.for_anomaly(a, now=now, delivery=self.alerter.delivery) for a in anomalies]
         task = self.alerter.emit(alerts)

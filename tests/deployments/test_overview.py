@@ -36,3 +36,20 @@ async def test_overview_equals_the_ledger(tmp_path: Path) -> None:
     assert o["cost_by_model"][0] == {"model": "big", "requests": 1, "cost_usd": 1.0}
     assert o["cost_by_tenant"][0]["tenant"] == "globex" and o["cost_by_user"][0]["user"] == "bob"
     assert (o["prompt_tokens"], o["completion_tokens"]) == (1000, 500)
+
+
+async def test_series_buckets_the_ledger(tmp_path: Path) -> None:
+    ledger = Ledger(LedgerConfig(), str(tmp_path))
+    rows = [row(i) for i in range(100)]  # one a second from t=1000, latency i+1 ms
+    rows[10] = row(10, status=500, error_code="upstream_error", cost_usd=0.0)
+    rows[70] = row(70, cache_status="hit", cost_usd=0.0)
+    rows[71] = row(71, cache_status="miss")
+    await ledger.record(rows)
+    s = await ledger.store("overview.series", 1000.0, 1180.0, 60.0)
+    points = s["points"]
+    assert [p["t"] for p in points] == [1000.0, 1060.0, 1120.0]
+    assert [p["requests"] for p in points] == [60, 40, 0] and [p["errors"] for p in points] == [1, 0, 0]
+    assert round(points[0]["cost_usd"], 6) == 0.59 and round(points[1]["cost_usd"], 6) == 0.39
+    assert points[0]["p50"] == 30.5 and points[1]["p99"] == 99.61
+    assert (points[0]["cache_hit_rate"], points[1]["cache_hit_rate"]) == (None, 0.5)
+    assert (points[2]["p95"], points[2]["cache_hit_rate"]) == (None, None)

@@ -118,6 +118,7 @@ NO_CIRCUIT = {"enabled": False}
 NO_RATE_LIMITS = {"plans": {"free": {}, "premium": {}, "enterprise": {}}, "flood": {"enabled": False}}
 UNAVAILABLE_FR = "Le service est momentanément indisponible."
 INJECTION_BLOCKING_TENANT = "strict-school"
+ALERT_RULE, ALERT_BUDGET = "test-budget-rule", "alerts-test"
 
 
 def flaky_models(flaky_url: str) -> list[dict[str, Any]]:
@@ -162,6 +163,9 @@ def app_args(data_dir: Path, redis_url: str, upstream_url: str, flaky_url: str) 
         "guard": {**NO_RATE_LIMITS, "injection": {"tenant_actions": {INJECTION_BLOCKING_TENANT: "block"}}},
         "gateway": {"max_body_bytes": 65536, "ledger_flush_interval_s": 0.1,
                     "unavailable_messages": {"fr": UNAVAILABLE_FR}},
+        # test_observability creates the budget at run time and drives the rule both ways.
+        "alerts": {"rules": [{"name": ALERT_RULE, "metric": "budget_spent_fraction", "above": 0.1,
+                              "budget_id": ALERT_BUDGET}]},
     }
 
 
