@@ -377,7 +377,8 @@ class CostGuard:
         return ReserveDecision(outcome="downgrade", reason=reason, limit=limit, **amounts, **base)
 
     def _nano_usd(self, model: str, prompt_tokens: int, completion_tokens: int) -> int:
-        p_in, p_out = self._prices.get(model, self._max_price)
+        # An adapter ("<base>:<name>") costs what its base model costs.
+        p_in, p_out = self._prices.get(model) or self._prices.get(model.rsplit(":", 1)[0], self._max_price)
         return round(prompt_tokens * p_in + completion_tokens * p_out)
 
     def _window(self, period: BudgetPeriod, now: float) -> Window:

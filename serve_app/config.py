@@ -24,6 +24,11 @@ from serve_app.router_config import AUTO_MODEL, RouterConfig
 __all__ = ["BaseConfig", "GatewayConfig", "ModelConfig"]
 
 EngineName = Literal["hf", "vllm", "remote"]
+
+
+def base_model_name(model_id: str) -> str:
+    """The configured model behind ``<base>:<adapter>`` (a LoRA adapter it serves); a plain name is itself."""
+    return model_id.rsplit(":", 1)[0]
 TINY_MODEL_NAME = "tiny"
 
 
@@ -230,7 +235,7 @@ class GatewayConfig(BaseConfig):
         unknown = sorted(self.cost_guard.model_names() - set(names))
         if unknown:
             raise ValueError(f"cost_guard: plans or budgets name unknown models {unknown}")
-        unknown = sorted(self.router.model_names() - set(names))
+        unknown = sorted(n for n in self.router.model_names() if base_model_name(n) not in names)
         if unknown:
             raise ValueError(f"router: tiers or domains name unknown models {unknown}")
         if AUTO_MODEL in names:

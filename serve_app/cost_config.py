@@ -43,8 +43,9 @@ class PlanConfig(BaseConfig):
         return self
 
     def allows(self, model: str) -> bool:
-        """Return whether the plan may call ``model``."""
-        return self.allowed_models is None or model in self.allowed_models
+        """Return whether the plan may call ``model`` (an adapter, ``<base>:<name>``, when it may call the base)."""
+        return self.allowed_models is None or model in self.allowed_models or (
+            model.rsplit(":", 1)[0] in self.allowed_models)
 
 
 class PlansConfig(PlanTable):

@@ -16,7 +16,7 @@ from typing import Any
 from ray.serve.handle import DeploymentHandle
 
 from serve_app.circuit import CircuitBreakers, Permission
-from serve_app.config import GatewayConfig, ModelConfig
+from serve_app.config import GatewayConfig, ModelConfig, base_model_name
 from serve_app.errors import InvalidRequestError, RaygateError, UpstreamTimeoutError, UpstreamUnavailableError
 from serve_app.handles import call, next_item
 from serve_app.protocol import ChatCompletionRequest
@@ -151,14 +151,15 @@ class Dispatcher:
     async def _call(self, body: ChatCompletionRequest, model: ModelConfig, timeout_s: float) -> tuple[Any, Any]:
         """One call: the completion, or a stream's first chunk (peeked) and the stream."""
         request = body.model_copy(update={"model": model.name})
+        deployment = model.name if model.name in self.models else base_model_name(model.name)
         component = f"Model {model.name}"
         if not body.stream:
-            result = await call(self.models[model.name].complete.remote(request), timeout_s, component,
+            result = await call(self.models[deployment].complete.remote(request), timeout_s, component,
                                 UpstreamUnavailableError)
             if isinstance(result, RaygateError):
                 raise result
             return result, None
-        stream = self.stream_handles[model.name].stream.remote(request)
+        stream = self.stream_handles[deployment].stream.remote(request)
         try:
             first = await next_item(stream, timeout_s, component, UpstreamUnavailableError)
         except StopAsyncIteration as exc:

@@ -29,9 +29,10 @@ async def _store(gateway: "Gateway", operation: str, *args: Any) -> Any:
 
 @router.post("", response_model=Experiment)
 async def create(spec: ExperimentSpec, gateway: "Gateway" = Depends(get_gateway)) -> Experiment:
-    """A new experiment, as a draft; variant models must be configured ones."""
+    """A new experiment, as a draft; variant models must be configured ones or loaded adapters."""
     known = {m.name for m in gateway.config.models}
-    unknown = sorted({v.model for v in spec.variants if v.model and v.model not in known})
+    unknown = sorted({v.model for v in spec.variants
+                      if v.model and v.model not in known and gateway.adapters.resolve(v.model) is None})
     if unknown:
         raise InvalidRequestError(f"Unknown models in variants: {unknown}.", param="variants")
     experiment: Experiment = await _store(gateway, "create", spec)

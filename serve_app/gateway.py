@@ -32,8 +32,8 @@ from deployments.router import RoutePlan, Router
 from deployments.ledger import LedgerBuffer, RequestRecord
 from deployments.privacy import Content
 from serve_app import __version__
-from serve_app import (admin, api_routes, cache_admin, cost_admin, dashboard, experiment_admin, overview_admin,
-                       privacy_admin, rag_routes, router_admin, template_admin)
+from serve_app import (adapters, admin, api_routes, cache_admin, cost_admin, dashboard, experiment_admin,
+                       overview_admin, privacy_admin, rag_routes, router_admin, template_admin)
 from serve_app.router_config import AUTO_MODEL
 from serve_app.alerts import Alerter
 from serve_app.auth import APIKey, KeyStore
@@ -64,6 +64,7 @@ from serve_app.metrics import GatewayMetrics
 from serve_app.middleware import RequestContextMiddleware, install_cors, install_error_handlers
 from serve_app.placement import Placed
 from serve_app.records import fill_record
+from serve_app.adapters import AdapterIndex
 from serve_app.request_log import RequestLog
 from serve_app.protocol import (
     ChatCompletionRequest,
@@ -91,7 +92,7 @@ app.add_middleware(RequestContextMiddleware, max_body_bytes=lambda path: app.sta
 install_error_handlers(app)
 app.state.max_body_bytes = app.state.max_upload_bytes = 1_048_576
 for routes in (admin, cost_admin, cache_admin, privacy_admin, api_routes, overview_admin, dashboard, rag_routes,
-               router_admin, template_admin, experiment_admin):
+               router_admin, template_admin, experiment_admin, adapters):
     app.include_router(routes.router)
 
 
@@ -143,6 +144,7 @@ class Gateway:
         semantic = Placed("SemanticCache", semantic_cache, remote=True) if semantic_cache is not None else None
         self.metrics = GatewayMetrics()
         self.request_log = RequestLog(config.logs, config.stores.data_dir)
+        self.adapters = AdapterIndex(config, config.stores.data_dir)
         self.cache = ResponseCache(config.cache, redis_url, semantic,
                                    on_evict=lambda n: self.metrics.inc("raygate_cache_evictions", n))
         self.router = Placed("Router", router or Router(config.router, redis_url, embedder), remote=router is not None)
@@ -361,7 +363,7 @@ class Gateway:
         await self.keys.redis.aclose()
 
     def _model(self, name: str) -> ModelConfig:
-        model = self.config.model(name)
+        model = self.config.model(name) or self.adapters.resolve(name)
         if model is None:
             raise ModelNotFoundError(f"The model '{name}' does not exist.", param="model")
         return model

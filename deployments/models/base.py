@@ -60,6 +60,23 @@ class Engine(abc.ABC):
     async def close(self) -> None:
         """Release connections and workers when the replica stops. The default holds none."""
 
+    async def load_adapter(self, name: str) -> None:
+        """Load (or reload, if retrained) the LoRA adapter registered as ``name`` from ``adapter_dir``.
+
+        Engines that cannot serve adapters refuse; requests reach an adapter as ``<model>:<name>``.
+        """
+        raise InvalidRequestError(f"Model {self.config.name} ({self.config.engine}) cannot serve LoRA adapters.",
+                                  param="model", code="adapters_unsupported")
+
+    def adapter_of(self, request: ChatCompletionRequest) -> str | None:
+        """The adapter a request names (``model: "<model>:<adapter>"``), or None for the base model."""
+        prefix = self.config.name + ":"
+        return request.model[len(prefix):] if request.model.startswith(prefix) else None
+
+    def adapter_dir(self, name: str) -> Path:
+        """Where the registry keeps adapter ``name`` (``training.registry``: ``<data_dir>/adapters/<name>``)."""
+        return Path(self.data_dir) / "adapters" / name
+
     @abc.abstractmethod
     def chat(self, request: ChatCompletionRequest) -> AsyncIterator[EngineOutput]:
         """Answer one chat request.

@@ -5,6 +5,12 @@ token in a worker thread: the event loop stays free between tokens, each request
 samples from its own seeded ``torch.Generator`` (the same seed gives the same text
 even while other requests run), and a stop sequence or a client that went away
 ends the loop at the next token.
+
+LoRA adapters are loaded into the running model with peft (on the first request that
+names one, or when an admin loads it) and picked per forward pass (``adapter_names``), so
+requests to the base model and to several adapters interleave on one replica. peft
+selects the adapter through module hooks, so forward passes take turns (a lock) once
+an adapter is loaded; a retrained adapter (newer weights file) is reloaded.
 """
 
 from __future__ import annotations
@@ -12,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import threading
 import time
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
@@ -21,7 +28,7 @@ from deployments.models.base import ChunkFactory, Engine, EngineOutput, encode_c
 from deployments.models.base import stream_or_collect
 from deployments.models.base import truncate_at_stop
 from serve_app.config import HFEngineParams, ModelConfig
-from serve_app.errors import RaygateError, ServiceUnavailableError, UpstreamUnavailableError
+from serve_app.errors import ModelNotFoundError, RaygateError, ServiceUnavailableError, UpstreamUnavailableError
 from serve_app.protocol import ChatCompletionRequest, ChatCompletionStreamResponse, FinishReason, UsageInfo
 
 if TYPE_CHECKING:
@@ -42,6 +49,7 @@ class _Decoding:
     top_p: float
     frequency_penalty: float
     presence_penalty: float
+    adapter: str | None = None
     cache: Any = None
     counts: torch.Tensor | None = None
     token_ids: list[int] = field(default_factory=list)
@@ -65,6 +73,9 @@ class HFEngine(Engine):
         self._model: Any = None
         self._tokenizer: Any = None
         self._stop_token_ids: set[int] = set()
+        self._peft: Any = None  # the PeftModel around _model, once an adapter is loaded
+        self._adapters: dict[str, float] = {}  # name -> mtime of the weights loaded
+        self._forward_lock = threading.Lock()
 
     async def start(self) -> None:
         """Load the tokenizer and the weights (in a thread: loading blocks)."""
@@ -77,7 +88,31 @@ class HFEngine(Engine):
 
     def chat(self, request: ChatCompletionRequest) -> AsyncIterator[EngineOutput]:
         """Answer one chat request; see ``Engine.chat`` for the contract."""
-        return stream_or_collect(request, self._stream(request), self.config.name)
+        return stream_or_collect(request, self._stream(request), request.model)
+
+    async def load_adapter(self, name: str) -> None:
+        """Load adapter ``name`` from the registry's dir with peft (a no-op when loaded and unchanged)."""
+        await asyncio.to_thread(self._load_adapter, name)
+
+    def _load_adapter(self, name: str) -> None:
+        from peft import PeftModel
+
+        path = self.adapter_dir(name)
+        weights = next((p for p in (path / "adapter_model.safetensors", path / "adapter_model.bin") if p.exists()), None)
+        if not (path / "adapter_config.json").exists() or weights is None:
+            raise ModelNotFoundError(f"The adapter '{name}' is not registered.", param="model")
+        version = weights.stat().st_mtime
+        with self._forward_lock:
+            if self._adapters.get(name) == version:
+                return
+            if name in self._adapters:
+                self._peft.delete_adapter(name)
+            if self._peft is None:
+                self._peft = PeftModel.from_pretrained(self._model, str(path), adapter_name=name).eval()
+            else:
+                self._peft.load_adapter(str(path), adapter_name=name)
+            self._adapters[name] = version
+        logger.info("Model %s loaded adapter %s", self.config.name, name)
 
     def _load(self) -> None:
         import torch
@@ -122,16 +157,23 @@ class HFEngine(Engine):
             top_p=1.0 if request.top_p is None else request.top_p,
             frequency_penalty=request.frequency_penalty or 0.0,
             presence_penalty=request.presence_penalty or 0.0,
+            adapter=self.adapter_of(request),
         )
+
+    def _forward(self, state: _Decoding) -> Any:
+        """One forward pass, through the request's adapter once peft wraps the model."""
+        kwargs = {"input_ids": state.next_input, "past_key_values": state.cache, "use_cache": True, "logits_to_keep": 1}
+        with self._forward_lock:  # an adapter being loaded rewrites the model's modules
+            if self._peft is None:
+                return self._model(**kwargs)
+            return self._peft(**kwargs, adapter_names=[state.adapter or "__base__"])
 
     def _step(self, state: _Decoding) -> int:
         """Run one forward pass and sample the next token (in a worker thread)."""
         import torch
 
         with torch.inference_mode():
-            out = self._model(
-                input_ids=state.next_input, past_key_values=state.cache, use_cache=True, logits_to_keep=1
-            )
+            out = self._forward(state)
             logits = out.logits[0, -1].float().cpu()
             if state.counts is None:
                 state.counts = torch.zeros_like(logits)
@@ -155,10 +197,12 @@ class HFEngine(Engine):
         """Yield the role chunk, content chunks, then a last chunk with finish_reason and usage."""
         if self._model is None:
             raise ServiceUnavailableError(f"Model {self.config.name} is not loaded.")
+        if (adapter := self.adapter_of(request)) is not None:
+            await self.load_adapter(adapter)
         prompt_ids = self._encode(request)
         budget = min(request.max_output_tokens(self.config.default_max_tokens), self.max_len_tokens - len(prompt_ids))
         stops = request.stop_list()
-        chunks = ChunkFactory(self.config.name)
+        chunks = ChunkFactory(request.model)  # "<model>:<adapter>" when an adapter answers
         async with self._semaphore:
             state = self._new_decoding(request, prompt_ids)
             started = time.monotonic()

@@ -55,6 +55,21 @@ class ModelServer:
             logger.exception("Engine of model %s failed", self.config.name)
             return UpstreamUnavailableError(f"Model {self.config.name} failed.")
 
+    async def load_adapter(self, name: str) -> RaygateError | None:
+        """Load a registered LoRA adapter into this replica now (others load it on first use).
+
+        Returns:
+            None once loaded, else the error (an engine without adapters, an unknown adapter).
+        """
+        try:
+            await self.engine.load_adapter(name)
+            return None
+        except RaygateError as exc:
+            return exc
+        except Exception:  # noqa: BLE001 - a bad adapter file must not leak a trace
+            logger.exception("Model %s could not load adapter %s", self.config.name, name)
+            return UpstreamUnavailableError(f"Model {self.config.name} could not load the adapter '{name}'.")
+
     async def stream(self, request: ChatCompletionRequest) -> AsyncIterator[ChatCompletionStreamResponse | RaygateError]:
         """Answer a streaming request.
 

@@ -28,7 +28,8 @@ from typing import TYPE_CHECKING, Any
 from deployments.models.base import ChunkFactory, Engine, EngineOutput, encode_chat, resolve_model_path
 from deployments.models.base import stream_or_collect
 from serve_app.config import ModelConfig, VLLMEngineParams
-from serve_app.errors import InvalidRequestError, RaygateError, ServiceUnavailableError, UpstreamUnavailableError
+from serve_app.errors import InvalidRequestError, ModelNotFoundError, RaygateError, ServiceUnavailableError
+from serve_app.errors import UpstreamUnavailableError
 from serve_app.protocol import ChatCompletionRequest, ChatCompletionStreamResponse, FinishReason, UsageInfo
 
 if TYPE_CHECKING:
@@ -44,8 +45,9 @@ _FINISH_REASONS: dict[str, FinishReason] = {"stop": "stop", "length": "length"}
 class VLLMEngine(Engine):
     """Runs one model on vLLM's ``AsyncLLM`` (its EngineCore runs in a child process).
 
-    ``enable_lora`` only reserves LoRA capacity in vLLM: requests do not pick an
-    adapter yet, so every answer comes from the base model.
+    With ``enable_lora``, a request for ``<model>:<adapter>`` is answered through the
+    registered adapter (a ``LoRARequest``; vLLM loads its weights on first use and batches
+    requests to different adapters together). A retrained adapter gets a new LoRA id.
 
     Args:
         config: the model's config; ``engine_params`` must be ``VLLMEngineParams``.
@@ -60,6 +62,7 @@ class VLLMEngine(Engine):
         self.max_len_tokens = self.params.max_model_len_tokens
         self._engine: AsyncLLM | None = None
         self._tokenizer: Any = None
+        self._loras: dict[str, tuple[Any, float]] = {}  # name -> (LoRARequest, weights mtime)
 
     async def start(self) -> None:
         """Build the engine: load weights, size the KV cache, start EngineCore.
@@ -112,7 +115,7 @@ class VLLMEngine(Engine):
 
     def chat(self, request: ChatCompletionRequest) -> AsyncIterator[EngineOutput]:
         """Answer one chat request; see ``Engine.chat`` for the contract."""
-        return stream_or_collect(request, self._stream(request), self.config.name)
+        return stream_or_collect(request, self._stream(request), request.model)
 
     def _build(self) -> None:
         """Create ``AsyncLLM`` from the params (runs in a worker thread).
@@ -140,6 +143,26 @@ class VLLMEngine(Engine):
             enable_log_requests=False,  # vLLM would log prompts
         )
         self._engine = AsyncLLM.from_engine_args(args)
+
+    async def load_adapter(self, name: str) -> None:
+        """Register adapter ``name`` with vLLM (it loads the weights on the first request that uses it)."""
+        self._lora(name)
+
+    def _lora(self, name: str) -> Any:
+        from vllm.lora.request import LoRARequest
+
+        if not self.params.enable_lora:
+            raise InvalidRequestError(f"Model {self.config.name} runs without enable_lora: no adapters.",
+                                      param="model", code="adapters_unsupported")
+        weights = self.adapter_dir(name) / "adapter_model.safetensors"
+        if not weights.exists():
+            raise ModelNotFoundError(f"The adapter '{name}' is not registered.", param="model")
+        version = weights.stat().st_mtime
+        known = self._loras.get(name)
+        if known is None or known[1] != version:
+            lora_id = max((r.lora_int_id for r, _ in self._loras.values()), default=0) + 1
+            known = self._loras[name] = (LoRARequest(name, lora_id, str(weights.parent)), version)
+        return known[0]
 
     def _encode(self, request: ChatCompletionRequest) -> list[int]:
         return encode_chat(self._tokenizer, request, self.max_len_tokens, self.config.name)
@@ -174,9 +197,11 @@ class VLLMEngine(Engine):
             params = self._sampling_params(request, len(prompt_ids))
             # Rendered input, not a raw prompt: vLLM 0.32 deprecates raw prompts in generate().
             (engine_input,) = engine.renderer.render_cmpl([TokensPrompt(prompt_token_ids=prompt_ids)])
-        chunks = ChunkFactory(self.config.name)
+        chunks = ChunkFactory(request.model)  # "<model>:<adapter>" when an adapter answers
         request_id = chunks.id
-        outputs = engine.generate(engine_input, params, request_id)
+        adapter = self.adapter_of(request)
+        lora = self._lora(adapter) if adapter is not None else None
+        outputs = engine.generate(engine_input, params, request_id, lora_request=lora)
         started = time.monotonic()
         completion_tokens = 0
         vllm_reason: str | None = None

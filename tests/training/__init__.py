@@ -1,0 +1,1 @@
+"""Tests of training/: datasets, training, evaluation and the adapter registry."""

@@ -1,0 +1,1 @@
+"""Fine-tuning: datasets built from the ledger, trained LoRA adapters and their registry."""
