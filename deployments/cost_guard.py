@@ -68,6 +68,12 @@ class _Check(NamedTuple):
     resets_at: float
 
 
+
+def _nano_prices(prices: dict[str, tuple[float, float]]) -> tuple[dict[str, tuple[float, float]], tuple[float, float]]:
+    """Prices per token in nano-USD (USD per 1M tokens * 1e9 / 1e6), and the highest of each (unknown models)."""
+    nano = {m: (p_in * 1000, p_out * 1000) for m, (p_in, p_out) in prices.items()}
+    return nano, (max((p[0] for p in nano.values()), default=0.0), max((p[1] for p in nano.values()), default=0.0))
+
 class CostGuard:
     """Reserves, settles and reports quota and budget usage; embedded or as a Serve deployment.
 
@@ -93,12 +99,7 @@ class CostGuard:
         self.redis = redis_client(redis_url, config.redis_max_connections)
         self._store = CostConfigStore(self.redis, config, prices, key_prefix=key_prefix)
         self._script = self.redis.register_script(COST_GUARD_LUA)
-        # Prices per token in nano-USD: USD per 1M tokens * 1e9 / 1e6.
-        self._prices = {m: (p_in * 1000, p_out * 1000) for m, (p_in, p_out) in prices.items()}
-        self._max_price = (
-            max((p[0] for p in self._prices.values()), default=0.0),
-            max((p[1] for p in self._prices.values()), default=0.0),
-        )
+        self._prices, self._max_price = _nano_prices(prices)
         self._tz = ZoneInfo(config.timezone)
         self._windows: dict[str, Window] = {}
         self._budget_specs: dict[str, tuple[str, BudgetConfig, dict[str, Any]]] = {}
@@ -375,6 +376,10 @@ class CostGuard:
         logger.info("Cost guard downgraded request %s from %s to %s (%s)", request.request_id, request.model,
                     cand["m"], reason)
         return ReserveDecision(outcome="downgrade", reason=reason, limit=limit, **amounts, **base)
+
+    async def set_prices(self, prices: dict[str, tuple[float, float]]) -> None:
+        """Model -> (input, output) USD per 1M tokens; a live change (the Gateway's user_config) lands here."""
+        self._prices, self._max_price = _nano_prices(prices)
 
     def _nano_usd(self, model: str, prompt_tokens: int, completion_tokens: int) -> int:
         # An adapter ("<base>:<name>") costs what its base model costs.

@@ -66,6 +66,7 @@ from serve_app.placement import Placed
 from serve_app.records import fill_record
 from serve_app.adapters import AdapterIndex
 from serve_app.request_log import RequestLog
+from serve_app.live import LiveSettings, apply_live
 from serve_app.protocol import (
     ChatCompletionRequest,
     ChatCompletionResponse,
@@ -126,7 +127,7 @@ class Gateway:
         retriever: DeploymentHandle | None = None,
         router: DeploymentHandle | None = None,
     ) -> None:
-        self.config = config
+        self.config = self.args_config = config
         redis = redis_client(redis_url)
         self.keys = KeyStore(redis, os.environ.get(config.gateway.admin_key_env) or None)
         self.models = models
@@ -303,6 +304,16 @@ class Gateway:
                                     LEDGER_CALL_TIMEOUT_S, "Ledger")
                 if result.get("promoted"):
                     self.experiments.forget()
+
+    async def reconfigure(self, user_config: dict[str, Any]) -> None:
+        """Serve's ``user_config``: prices, alert rules, the request log, the failure message, changed live
+        (``serve_app.live``) on top of the args, without replacing this replica."""
+        live = apply_live(self.args_config, LiveSettings.model_validate(user_config))
+        self.config = self.dispatcher.config = self.adapters.config = live
+        await self.spend.cost_guard("set_prices", self.config.prices())  # placed as a deployment: one replica
+        self.thresholds.rules = self.config.alerts.rules
+        self.request_log = RequestLog(self.config.logs, self.config.stores.data_dir)
+        logger.info("Live settings applied: %s", sorted(k for k, v in user_config.items() if v is not None))
 
     async def _summary(self, from_ts: float, to_ts: float) -> dict[str, Any]:
         """The ledger's overview of a window (alert rules)."""

@@ -64,11 +64,16 @@ class RequestLog:
         self.logger = logging.getLogger(LOGGER_NAME)
         self.logger.propagate = False  # not again through Ray's handlers
         self.logger.setLevel(logging.INFO)
-        if config.request_log in ("file", "both"):
-            path = Path(data_dir) / config.file
+        path = Path(data_dir) / config.file
+        wanted = ({f"file:{path}"} if config.request_log in ("file", "both") else set()) | (
+            {"stderr"} if config.request_log in ("stderr", "both") else set())
+        for handler in [h for h in self.logger.handlers if h.get_name() not in wanted]:  # a live change
+            self.logger.removeHandler(handler)
+            handler.close()
+        if f"file:{path}" in wanted:
             path.parent.mkdir(parents=True, exist_ok=True)
             self._add_handler(f"file:{path}", lambda: logging.FileHandler(path, encoding="utf-8"))
-        if config.request_log in ("stderr", "both"):
+        if "stderr" in wanted:
             self._add_handler("stderr", lambda: logging.StreamHandler(sys.stderr))
         self.enabled = config.request_log != "off"
 

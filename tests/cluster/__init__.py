@@ -1,0 +1,1 @@
+"""Cluster tests: the cluster configs (cluster/, serve_config.gpu.yaml) and multi-node scenarios."""
