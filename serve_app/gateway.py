@@ -78,7 +78,7 @@ from serve_app.stores import redis_client
 from serve_app.http_parts import GatewayAPI, answer_headers, client_language
 from serve_app.streaming import sse_events
 from serve_app.thresholds import ThresholdEvaluator
-from serve_app.watch import AnomalyWatcher, flood_alert
+from serve_app.watch import AnomalyWatcher, flood_alert, periodic_work
 
 logger = logging.getLogger(__name__)
 
@@ -137,11 +137,11 @@ class Gateway:
         self.alerter = Alerter(config.alerts, redis, budget_status=lambda: placed("budget_status"))
         self.spend = Spend(placed, on_crossings=self.alerter.notify)
         self.guard = Placed("Guard", guard or Guard(config.guard, redis_url), remote=guard is not None)
-        self.thresholds = ThresholdEvaluator(config.alerts.rules, self.alerter, self._summary,
-                                             lambda: placed("budget_status"))
+        self.thresholds = ThresholdEvaluator(config.alerts.rules, self.alerter, lambda a, b: call(
+            ledger.store.remote("overview.summary", a, b), LEDGER_CALL_TIMEOUT_S, "Ledger"),
+            lambda: placed("budget_status"))
         self.watcher = AnomalyWatcher(self.guard if config.guard.anomaly.enabled else None, self.alerter, redis,
-                                      config.alerts.evaluate_interval_s,
-                                      also=[self._promote_experiments, self._budget_gauges, self.thresholds.evaluate])
+                                      config.alerts.evaluate_interval_s, also=periodic_work(self))
         semantic = Placed("SemanticCache", semantic_cache, remote=True) if semantic_cache is not None else None
         self.metrics = GatewayMetrics()
         self.request_log = RequestLog(config.logs, config.stores.data_dir)
@@ -296,15 +296,6 @@ class Gateway:
             self.spend.background.spawn(self.cache.store(plan, content, finish_reason, model.name, usage, cost,
                                                          record.user, tags, category))
 
-    async def _promote_experiments(self) -> None:
-        """Evaluate running experiments set to promote (the Ledger completes one with a significant winner)."""
-        for experiment in await self.experiments.live():
-            if experiment.status == "running" and experiment.promote:
-                result = await call(self.ledger.store.remote("experiments.evaluate", experiment.id),
-                                    LEDGER_CALL_TIMEOUT_S, "Ledger")
-                if result.get("promoted"):
-                    self.experiments.forget()
-
     async def reconfigure(self, user_config: dict[str, Any]) -> None:
         """Serve's ``user_config``: prices, alert rules, the request log, the failure message, changed live
         (``serve_app.live``) on top of the args, without replacing this replica."""
@@ -314,17 +305,6 @@ class Gateway:
         self.thresholds.rules = self.config.alerts.rules
         self.request_log = RequestLog(self.config.logs, self.config.stores.data_dir)
         logger.info("Live settings applied: %s", sorted(k for k, v in user_config.items() if v is not None))
-
-    async def _summary(self, from_ts: float, to_ts: float) -> dict[str, Any]:
-        """The ledger's overview of a window (alert rules)."""
-        return await call(self.ledger.store.remote("overview.summary", from_ts, to_ts), LEDGER_CALL_TIMEOUT_S, "Ledger")
-
-    async def _budget_gauges(self) -> None:
-        """What is left of each USD budget, as gauges (once a minute, by one replica)."""
-        for budget in await self.spend.cost_guard("budget_status"):
-            if budget.limit_usd is not None:
-                left = max(budget.limit_usd - budget.used_usd - budget.reserved_usd, 0.0)
-                self.metrics.set("raygate_budget_remaining_usd", left, budget=budget.id)
 
     async def _route(self, key: APIKey, body: ChatCompletionRequest, record: RequestRecord) -> ModelConfig:
         """``model: auto``: classify the request and take the model its category (or domain) is routed to."""

@@ -13,13 +13,19 @@ import contextlib
 import logging
 import time
 from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING
 
 import redis.asyncio as aioredis
 
 from deployments.guard_protocol import GuardDecision
 from serve_app.alerts import Alert, Alerter
 from serve_app.auth import APIKey
+from serve_app.constants import LEDGER_CALL_TIMEOUT_S
+from serve_app.handles import call
 from serve_app.placement import Placed
+
+if TYPE_CHECKING:
+    from serve_app.gateway import Gateway
 
 logger = logging.getLogger(__name__)
 
@@ -29,6 +35,32 @@ def flood_alert(alerter: Alerter, key: APIKey, decision: GuardDecision) -> None:
     if decision.reason == "flood" and decision.blocked_until is not None:
         alerter.emit([Alert.for_flood(key.key_id, decision.checked_at, decision.blocked_until,
                                       delivery=alerter.delivery)])
+
+
+def periodic_work(gateway: "Gateway") -> list[Callable[[], Awaitable[object]]]:
+    """The Gateway's work for each interval besides the anomaly scan: experiments' promotion, budget
+    gauges, alert rules (its attributes are read when the work runs, after the Gateway is built)."""
+
+    async def promote_experiments() -> None:
+        """Evaluate running experiments set to promote (the Ledger completes one with a significant winner)."""
+        for experiment in await gateway.experiments.live():
+            if experiment.status == "running" and experiment.promote:
+                result = await call(gateway.ledger.store.remote("experiments.evaluate", experiment.id),
+                                    LEDGER_CALL_TIMEOUT_S, "Ledger")
+                if result.get("promoted"):
+                    gateway.experiments.forget()
+
+    async def budget_gauges() -> None:
+        """What is left of each USD budget, as gauges."""
+        for budget in await gateway.spend.cost_guard("budget_status"):
+            if budget.limit_usd is not None:
+                left = max(budget.limit_usd - budget.used_usd - budget.reserved_usd, 0.0)
+                gateway.metrics.set("raygate_budget_remaining_usd", left, budget=budget.id)
+
+    async def alert_rules() -> None:
+        await gateway.thresholds.evaluate()
+
+    return [promote_experiments, budget_gauges, alert_rules]
 
 
 class AnomalyWatcher:
