@@ -11,6 +11,7 @@ from pathlib import Path
 
 from serve_app.auth import KeyStore
 from serve_app.stores import REDIS_URL_FILE, redis_client
+from training import cli as training_cli
 
 
 def default_data_dir() -> Path:
@@ -75,6 +76,7 @@ def _parser() -> argparse.ArgumentParser:
     tiny = sub.add_parser("make-tiny-model", help="build the tiny test model offline")
     tiny.add_argument("dir", type=Path)
     tiny.add_argument("--seed", type=int, default=0)
+    training_cli.add_cli(sub)  # dataset, train, tune, eval, adapters
     return parser
 
 
@@ -87,6 +89,8 @@ def main(argv: list[str] | None = None) -> int:
         return up(args.config.resolve(), default_data_dir())
     if args.command == "keys":
         return asyncio.run(_keys(args))
+    if args.command in training_cli.COMMANDS:
+        return training_cli.run_cli(args)
     if args.command == "ingest":
         from serve_app.ingest import ingest
 

@@ -12,7 +12,6 @@ format goes through the same steps.
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
 import logging
@@ -20,22 +19,19 @@ import math
 import re
 import sqlite3
 import statistics
-import sys
-import time
 from collections import Counter, defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel, Field, PositiveInt, computed_field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, Field, PositiveInt, computed_field, field_validator, model_validator
 
 from serve_app.config_base import BaseConfig
 from training.scrub import STOP_WORDS, detect_language, scrub_pii
 
-__all__ = ["DatasetConfig", "DatasetReport", "InvalidLine", "LengthStats", "SourceRead", "add_cli", "build_dataset",
-           "detect_language", "read_jsonl", "read_ledger", "run_cli", "scrub_pii"]
+__all__ = ["DatasetConfig", "DatasetReport", "InvalidLine", "LengthStats", "SourceRead", "build_dataset",
+           "detect_language", "read_jsonl", "read_ledger", "scrub_pii"]
 
 logger = logging.getLogger(__name__)
 
@@ -377,70 +373,3 @@ def _write(report: DatasetReport, out_dir: Path, train: list[Messages], validati
     logger.info("Dataset %s: %d train, %d validation examples in %s", report.dataset_hash[:12], report.train,
                 report.validation, out_dir)
     return report
-
-
-def _epoch(value: str) -> float:
-    """Epoch seconds, or an ISO date/time (UTC unless it says otherwise)."""
-    try:
-        return float(value)
-    except ValueError:
-        moment = datetime.fromisoformat(value)
-    return (moment if moment.tzinfo else moment.replace(tzinfo=timezone.utc)).timestamp()
-
-
-def add_cli(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
-    """Add ``dataset build`` to the ``raygate`` command's sub-commands (dispatch to :func:`run_cli`)."""
-    dataset = sub.add_parser("dataset", help="build fine-tuning datasets from the ledger")
-    build = dataset.add_subparsers(dest="dataset_command", required=True).add_parser(
-        "build", help="filter, scrub, deduplicate and split stored conversations into train/validation JSONL")
-    build.add_argument("--data-dir", type=Path, default=None, help="default $RAYGATE_DATA_DIR or ~/.raygate")
-    build.add_argument("--out", type=Path, default=None, help="default <data-dir>/datasets/<UTC time>")
-    build.add_argument("--jsonl", type=Path, action="append", default=[], help="also import this file (repeatable)")
-    build.add_argument("--no-ledger", action="store_true", help="read only the --jsonl files")
-    build.add_argument("--min-rating", type=int, default=None)
-    build.add_argument("--thumbs-up-only", action="store_true")
-    build.add_argument("--min-turns", type=int, default=1, help="user messages per conversation")
-    build.add_argument("--languages", default=None, help="comma-separated, e.g. en,fr")
-    build.add_argument("--tenant", default=None)
-    build.add_argument("--since", type=_epoch, default=None, help="epoch seconds or ISO date/time")
-    build.add_argument("--until", type=_epoch, default=None, help="epoch seconds or ISO date/time")
-    build.add_argument("--val-fraction", type=float, default=0.1)
-    build.add_argument("--seed", type=int, default=0)
-    build.add_argument("--near-duplicate-threshold", type=float, default=0.9)
-    build.add_argument("--no-consent-only", action="store_true", help="also use content kept by default consent")
-
-
-def run_cli(args: argparse.Namespace) -> int:
-    """Run ``raygate dataset build`` and print the report.
-
-    Returns:
-        0 when examples were written, 1 when none were (or no source could be read), 2 for bad options.
-    """
-    from rich.console import Console
-    from rich.markdown import Markdown
-
-    from serve_app.cli import default_data_dir  # lazily: serve_app.cli imports this module
-    from serve_app.config import LedgerConfig
-
-    data_dir = args.data_dir or default_data_dir()
-    try:
-        config = DatasetConfig(
-            min_rating=args.min_rating, thumbs_up_only=args.thumbs_up_only, min_turns=args.min_turns,
-            languages=args.languages.split(",") if args.languages else None, consent_only=not args.no_consent_only,
-            since=args.since, until=args.until, tenant=args.tenant, validation_fraction=args.val_fraction,
-            seed=args.seed, near_duplicate_threshold=args.near_duplicate_threshold)
-    except ValidationError as exc:
-        print(f"raygate dataset build: {exc}", file=sys.stderr)
-        return 2
-    ledger: Path | None = None if args.no_ledger else data_dir / LedgerConfig().db_file
-    if ledger is not None and not ledger.is_file():
-        if not args.jsonl:
-            print(f"raygate dataset build: no ledger at {ledger} (and no --jsonl)", file=sys.stderr)
-            return 1
-        print(f"no ledger at {ledger}: using the --jsonl files only", file=sys.stderr)
-        ledger = None
-    out = args.out or data_dir / "datasets" / time.strftime("%Y%m%d-%H%M%S", time.gmtime())
-    report = build_dataset(config, out, ledger_path=ledger, jsonl_paths=args.jsonl)
-    Console().print(Markdown(report.to_markdown()))
-    print(f"dataset {report.dataset_hash}: {report.train} train, {report.validation} validation examples in {out}")
-    return 0 if report.examples_out else 1

@@ -14,13 +14,10 @@ torch, transformers and peft are imported inside functions: importing this modul
 
 from __future__ import annotations
 
-import argparse
 import functools
 import html
-import json
 import logging
 import math
-import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, TypeVar
@@ -28,6 +25,7 @@ from typing import TYPE_CHECKING, TypeVar
 from pydantic import BaseModel, Field, PositiveInt, field_validator
 
 from serve_app.config_base import BaseConfig
+from training.chat_data import IGNORE_INDEX, encode_example, load_conversations
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -37,18 +35,14 @@ __all__ = [
     "EvalResult",
     "Generation",
     "LossStats",
-    "add_cli",
     "evaluate",
     "render_report",
-    "run_cli",
-    "tokenize_example",
     "write_report",
 ]
 
 logger = logging.getLogger(__name__)
 
 REPORT_SUFFIXES = (".md", ".html")
-IGNORE_INDEX = -100  # torch's cross_entropy skips these labels
 T = TypeVar("T")
 
 
@@ -107,60 +101,6 @@ class EvalResult(BaseModel):
     tuned: LossStats = Field(description="Base + adapter.")
     generations: list[Generation] = Field(default_factory=list)
     output: str | None = Field(None, description="Where the report was written.")
-
-
-def tokenize_example(
-    tokenizer: PreTrainedTokenizerBase, messages: list[dict[str, str]], max_length: int
-) -> tuple[list[int], list[int]]:
-    """Tokenise a chat with the chat template; label only the last (assistant) message.
-
-    The prompt is ``messages[:-1]`` rendered with ``add_generation_prompt=True``, so
-    the labels are exactly what the model must produce after the prompt a server gives it.
-    The prompt and the answer are tokenised apart, so no BPE merge crosses the boundary.
-
-    Args:
-        tokenizer: a tokenizer with a chat template.
-        messages: the chat; the last message is the assistant's.
-        max_length: cut the tokens (from the right) to this many.
-
-    Returns:
-        ``(input_ids, labels)``, labels ``-100`` on the prompt.
-
-    Raises:
-        ValueError: the chat does not end with an assistant message, or the template
-            renders the prompt differently from the start of the full chat.
-    """
-    if len(messages) < 2 or messages[-1].get("role") != "assistant":
-        raise ValueError("each chat needs a prompt and must end with an assistant message")
-    full = tokenizer.apply_chat_template(messages, tokenize=False)
-    prompt = tokenizer.apply_chat_template(messages[:-1], tokenize=False, add_generation_prompt=True)
-    if not (isinstance(full, str) and isinstance(prompt, str) and full.startswith(prompt)):
-        raise ValueError("the chat template does not render the prompt as a prefix of the full chat")
-    prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
-    answer_ids = tokenizer(full[len(prompt):], add_special_tokens=False)["input_ids"]
-    input_ids = (prompt_ids + answer_ids)[:max_length]
-    labels = ([IGNORE_INDEX] * len(prompt_ids) + answer_ids)[:max_length]
-    return input_ids, labels
-
-
-def read_chats(path: Path) -> list[list[dict[str, str]]]:
-    """The ``messages`` of each non-blank JSONL line.
-
-    Raises:
-        ValueError: a line is not JSON or has no ``messages`` list (with its line number).
-    """
-    chats = []
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            messages = json.loads(line)["messages"]
-        except (ValueError, KeyError, TypeError) as exc:
-            raise ValueError(f"{path}:{number}: expected a JSON object with a 'messages' list") from exc
-        if not isinstance(messages, list):
-            raise ValueError(f"{path}:{number}: 'messages' must be a list")
-        chats.append(messages)
-    return chats
 
 
 def validation_loss(model: PreTrainedModel, examples: list[tuple[list[int], list[int]]]) -> tuple[LossStats, int]:
@@ -224,8 +164,8 @@ def evaluate(config: EvalConfig) -> EvalResult:
     tokenizer = AutoTokenizer.from_pretrained(config.base_model)
     base = AutoModelForCausalLM.from_pretrained(config.base_model, dtype=torch.float32).to(device)
     model = PeftModel.from_pretrained(base, config.adapter).eval()
-    tokenized = [tokenize_example(tokenizer, chat, config.max_length) for chat in read_chats(config.validation_file)]
-    examples = [ex for ex in tokenized if any(label != IGNORE_INDEX for label in ex[1][1:])]
+    encoded = [encode_example(tokenizer, chat, config.max_length) for chat in load_conversations(config.validation_file)]
+    examples = [(e["input_ids"], e["labels"]) for e in encoded if e is not None]
 
     def both(run: Callable[[], T]) -> tuple[T, T]:
         # The same weights with the adapter switched off, then on.
@@ -326,59 +266,3 @@ def _render_html(result: EvalResult, rows: list[tuple[str, LossStats]]) -> str:
         "<table><tr><th>#</th><th>Question</th><th>Base</th><th>Adapter</th></tr>"
         f"{gen_rows}</table>\n</body></html>\n"
     )
-
-
-def add_cli(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    """Add ``raygate eval`` to the ``raygate`` parser.
-
-    Args:
-        sub: the ``raygate`` parser's sub-parsers.
-    """
-    parser = sub.add_parser("eval", help="compare a base model with base + LoRA adapter")
-    parser.add_argument("adapter", type=Path, help="the adapter dir")
-    parser.add_argument("--validation-file", type=Path, required=True)
-    parser.add_argument("--base-model", type=Path, default=None,
-                        help="default: the base_model recorded in the adapter's raygate_adapter.json")
-    parser.add_argument("--question", action="append", default=[], help="repeatable")
-    parser.add_argument("--questions-file", type=Path, default=None, help="one question a line")
-    parser.add_argument("--max-new-tokens", type=int, default=128)
-    parser.add_argument("--max-length", type=int, default=1024)
-    parser.add_argument("--output", type=Path, default=None, help=".md or .html; default: Markdown to stdout")
-
-
-def run_cli(args: argparse.Namespace) -> int:
-    """Run ``raygate eval``: print the report (or write it and print a JSON summary).
-
-    Returns:
-        0, or 1 when the inputs are invalid.
-    """
-    try:
-        base_model = args.base_model or _recorded_base_model(args.adapter)
-        config = EvalConfig(
-            base_model=base_model,
-            adapter=args.adapter,
-            validation_file=args.validation_file,
-            questions=args.questions_file if args.questions_file else args.question,
-            max_new_tokens=args.max_new_tokens,
-            max_length=args.max_length,
-            output=args.output,
-        )
-        result = evaluate(config)
-    except (ValueError, OSError) as exc:  # pydantic's ValidationError is a ValueError
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
-    if result.output is None:
-        print(render_report(result, "md"))
-    else:
-        print(json.dumps({"output": result.output, "base": result.base.model_dump(),
-                          "adapter": result.tuned.model_dump()}))
-    return 0
-
-
-def _recorded_base_model(adapter: Path) -> str:
-    """The base model that ``raygate_adapter.json`` records for ``adapter``."""
-    meta = adapter / "raygate_adapter.json"
-    try:
-        return str(json.loads(meta.read_text(encoding="utf-8"))["base_model"])
-    except (OSError, ValueError, KeyError, TypeError) as exc:
-        raise ValueError(f"no --base-model given and none recorded in {meta}") from exc

@@ -16,28 +16,23 @@ them through to its one renderer: a bad name or dir is a 400, an unknown name a 
 
 from __future__ import annotations
 
-import argparse
 import builtins
 import fcntl
 import logging
 import os
 import re
 import shutil
-import sys
 import tempfile
 import time
 from collections.abc import Collection, Iterator
 from contextlib import contextmanager
 from datetime import datetime
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from serve_app.errors import InvalidRequestError, NotFoundError
-
-if TYPE_CHECKING:
-    import httpx
 
 __all__ = [
     "ADAPTER_NAME_PATTERN",
@@ -45,8 +40,6 @@ __all__ = [
     "AdapterEntry",
     "AdapterMetadata",
     "AdapterRegistry",
-    "add_cli",
-    "run_cli",
     "split_model_id",
     "validate_adapter_name",
 ]
@@ -345,110 +338,3 @@ class AdapterRegistry:
             param="name",
             code="adapter_exists",
         )
-
-
-def add_cli(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    """Add ``raygate adapters {list,register,remove,load,unload}`` to the ``raygate`` parser.
-
-    Args:
-        sub: the ``raygate`` parser's sub-parsers.
-    """
-    adapters = sub.add_parser("adapters", help="manage trained LoRA adapters")
-    adapters.add_argument("--data-dir", type=Path, default=None, help="default $RAYGATE_DATA_DIR, else ~/.raygate")
-    commands = adapters.add_subparsers(dest="adapters_command", required=True)
-    listing = commands.add_parser("list", help="list registered adapters")
-    listing.add_argument("--json", action="store_true", help="one JSON object a line instead of a table")
-    register = commands.add_parser("register", help="copy a trained adapter dir into the registry")
-    register.add_argument("name")
-    register.add_argument("dir", type=Path)
-    register.add_argument("--overwrite", action="store_true")
-    remove = commands.add_parser("remove", help="unregister an adapter and delete its copy")
-    remove.add_argument("name")
-    remove.add_argument("--force", action="store_true", help="even while loaded on a model")
-    for action in ("load", "unload"):
-        parser = commands.add_parser(action, help=f"{action} an adapter on a running gateway's model")
-        parser.add_argument("name")
-        parser.add_argument("--model", required=True, help="the base model's id")
-        parser.add_argument("--url", default=os.environ.get("RAYGATE_URL", "http://127.0.0.1:8000"))
-        parser.add_argument("--admin-key", default=None, help="default $RAYGATE_ADMIN_KEY")
-
-
-def run_cli(args: argparse.Namespace) -> int:
-    """Run a ``raygate adapters`` command; return the exit status.
-
-    Args:
-        args: the parsed arguments (``args.adapters_command`` picks the command).
-
-    Returns:
-        0 on success, 1 on a refused request or an unreachable gateway.
-    """
-    try:
-        if args.adapters_command in ("load", "unload"):
-            return _gateway_call(args)
-        registry = AdapterRegistry(args.data_dir or _default_data_dir())
-        if args.adapters_command == "register":
-            print(registry.register(args.name, args.dir, overwrite=args.overwrite).model_dump_json(indent=2))
-        elif args.adapters_command == "remove":
-            print(f"removed {registry.remove(args.name, force=args.force).name}")
-        elif args.json:
-            for entry in registry.list():
-                print(entry.model_dump_json())
-        else:
-            _print_table(registry.list())
-    except (InvalidRequestError, NotFoundError) as exc:
-        print(f"error: {exc.message}", file=sys.stderr)
-        return 1
-    return 0
-
-
-def _default_data_dir() -> Path:
-    # Imported here: serve_app.cli imports this module to add its commands.
-    from serve_app.cli import default_data_dir
-
-    return default_data_dir()
-
-
-def _print_table(entries: list[AdapterEntry]) -> None:
-    from rich.console import Console
-    from rich.table import Table
-
-    table = Table(title="Adapters")
-    for column in ("name", "base model", "dataset", "val loss", "loaded on", "registered"):
-        table.add_column(column)
-    for entry in entries:
-        val_loss = entry.metrics.get("val_loss")
-        table.add_row(entry.name, entry.base_model, entry.dataset_hash[:12],
-                      "" if val_loss is None else f"{val_loss:.4f}", ", ".join(entry.loaded_on) or "-",
-                      time.strftime("%Y-%m-%d %H:%M", time.localtime(entry.registered_at)))
-    Console().print(table)
-
-
-def _gateway_call(args: argparse.Namespace) -> int:
-    """POST ``/admin/adapters/{name}/{load|unload}``; print the answer or the error's message."""
-    import httpx
-
-    validate_adapter_name(args.name)  # it goes into the URL's path
-    admin_key = args.admin_key or os.environ.get("RAYGATE_ADMIN_KEY")
-    if not admin_key:
-        print("error: an admin key is needed: --admin-key or $RAYGATE_ADMIN_KEY.", file=sys.stderr)
-        return 1
-    url = f"{args.url.rstrip('/')}/admin/adapters/{args.name}/{args.adapters_command}"
-    try:
-        response = httpx.post(url, json={"model": args.model}, timeout=GATEWAY_TIMEOUT_S,
-                              headers={"Authorization": f"Bearer {admin_key}"})
-    except httpx.HTTPError as exc:
-        print(f"error: cannot reach the gateway at {args.url}: {exc}", file=sys.stderr)
-        return 1
-    if response.is_error:
-        print(f"error: {response.status_code} {_error_message(response)}", file=sys.stderr)
-        return 1
-    print(response.text)
-    return 0
-
-
-def _error_message(response: httpx.Response) -> str:
-    """The message of an OpenAI-shaped error body, else the start of the body."""
-    try:
-        return str(response.json()["error"]["message"])
-    except (ValueError, KeyError, TypeError):
-        return str(response.text[:200])

@@ -18,8 +18,8 @@ from pydantic import ValidationError
 from deployments.ledger import FeedbackRecord, Ledger, RequestRecord
 from deployments.privacy import Content
 from serve_app.config import LedgerConfig
-from training.dataset import (DatasetConfig, DatasetReport, add_cli, build_dataset, detect_language, read_ledger,
-                              run_cli, scrub_pii)
+from training.cli import add_cli, run_cli
+from training.dataset import DatasetConfig, DatasetReport, build_dataset, detect_language, read_ledger, scrub_pii
 
 LONG = ("Tell me about the history of the old harbour town on the northern coast, how the fishermen built "
         "their first wooden houses near the cliffs, why the merchants later moved the market square closer "

@@ -13,7 +13,9 @@ from typing import Any
 import pytest
 from pydantic import ValidationError
 
-from training.evaluate import EvalConfig, EvalResult, add_cli, evaluate, render_report, run_cli, tokenize_example
+from training.chat_data import encode_example
+from training.cli import add_cli, run_cli
+from training.evaluate import EvalConfig, EvalResult, evaluate, render_report
 
 PATTERN = "Ray Serve routes every request to the right model."
 TRAIN_TOPICS = ["the sea", "trains", "cats", "the weather", "a poem", "France", "numbers", "the library"]
@@ -42,7 +44,8 @@ def make_adapter(model_dir: Path, out_dir: Path, *, steps: int = 40, lr: float =
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     model = get_peft_model(AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32),
                            LoraConfig(r=8, target_modules=["q_proj", "v_proj"]))
-    encoded = [tokenize_example(tokenizer, chat, 256) for chat in chats(TRAIN_TOPICS)]
+    encoded = [(e["input_ids"], e["labels"]) for e in (encode_example(tokenizer, chat, 256)
+                                                        for chat in chats(TRAIN_TOPICS)) if e is not None]
     width = max(len(ids) for ids, _ in encoded)
     pad = tokenizer.pad_token_id
     input_ids = torch.tensor([ids + [pad] * (width - len(ids)) for ids, _ in encoded])
@@ -147,23 +150,6 @@ def test_html_report_escapes_script(setup: Setup) -> None:
     assert "<script>" not in text
     assert "&lt;script&gt;alert(1)&lt;/script&gt;" in text
     assert f"{setup.result.tuned.loss:.4f}" in text and f"{setup.result.base.perplexity:.4f}" in text
-
-
-def test_tokenize_example_labels_only_the_answer(setup: Setup) -> None:
-    from transformers import AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(setup.model_dir)
-    chat = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi?"},
-            {"role": "assistant", "content": "Hello there."}]
-    input_ids, labels = tokenize_example(tokenizer, chat, 512)
-    assert len(input_ids) == len(labels)
-    answer = [token for token in labels if token != -100]
-    assert labels[: len(labels) - len(answer)] == [-100] * (len(labels) - len(answer))
-    assert tokenizer.decode(answer) == "Hello there.<|im_end|>\n"
-    assert tokenizer.decode(input_ids[: len(input_ids) - len(answer)]).endswith("<|im_start|>assistant\n")
-    assert tokenize_example(tokenizer, chat, 5) == (input_ids[:5], labels[:5])
-    with pytest.raises(ValueError, match="assistant"):
-        tokenize_example(tokenizer, chat[:-1], 512)
 
 
 def test_config_checks_the_report_suffix_and_reads_question_files(tmp_path: Path) -> None:

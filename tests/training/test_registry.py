@@ -17,7 +17,8 @@ import pytest
 
 from serve_app.errors import InvalidRequestError, NotFoundError
 from tests.training.test_evaluate import make_adapter
-from training.registry import AdapterRegistry, add_cli, run_cli, split_model_id
+from training.cli import add_cli, run_cli
+from training.registry import AdapterRegistry, split_model_id
 
 PER_PROCESS = 4  # registers per process
 MARKS_PER_PROCESS = 150  # quick read-modify-writes: without the lock, some are lost
