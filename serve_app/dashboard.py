@@ -31,7 +31,7 @@ from serve_app.stores import map_redis_errors
 if TYPE_CHECKING:
     from serve_app.gateway import Gateway
 
-router = APIRouter(prefix="/dashboard")
+router = APIRouter(prefix="/dashboard", include_in_schema=False)  # a browser page, not the API
 STATIC_DIR = Path(__file__).parent / "static"
 _STATIC_FILES = {"dashboard.js", "dashboard.css", "uPlot.iife.min.js", "uPlot.min.css"}
 COOKIE = "raygate_dashboard"

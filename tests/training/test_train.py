@@ -73,7 +73,8 @@ def data(tmp_path_factory: pytest.TempPathFactory) -> Data:
 
 @pytest.fixture(scope="module")
 def ray_cluster() -> Iterator[None]:
-    """A fresh local cluster of this module's own (never an existing one).
+    """A fresh local cluster of this module's own, or the suite's when the integration tests started one (a
+    process joins one cluster; Serve's replicas there take no CPU, so Train's workers fit beside them).
 
     Ray Train's preemption watcher and metrics actors are off: one process less per
     run on a 2-core machine, and neither has anything to watch here.
@@ -84,6 +85,10 @@ def ray_cluster() -> Iterator[None]:
         env.setenv("RAY_AUTH_MODE", "disabled")
         env.setenv("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
         env.setenv("RAY_TRAIN_METRICS_ENABLED", "0")
+        if ray.is_initialized():
+            assert ray.available_resources().get("CPU", 0) >= 2, ray.available_resources()
+            yield
+            return
         ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
         yield
         ray.shutdown()
