@@ -117,7 +117,9 @@ class ResponseCache:
         if not (self.config.enabled and deterministic and (lookup or store)):
             return CachePlan(status="bypass", scope=scope)
         text = last_user_text(body)
-        if text is not None and len(text) > self.config.semantic.max_text_chars:
+        # No semantic layer for requests with images: it compares text, and a text-only neighbour
+        # (or another image's) is no answer about this image. The exact key hashes the images.
+        if text is not None and (len(text) > self.config.semantic.max_text_chars or body.images()):
             text = None
         return CachePlan(status="miss" if lookup else "bypass", scope=scope, key=scope.exact_key(self.prefix, body),
                          semantic_scope=scope.semantic_scope(body), text=text, lookup=lookup, store=store)

@@ -20,7 +20,8 @@ from pydantic import BaseModel, Field
 
 from serve_app.protocol import (
     AssistantMessage, ChatCompletionChoice, ChatCompletionRequest, ChatCompletionResponse,
-    ChatCompletionStreamChoice, ChatCompletionStreamResponse, ChatMessage, DeltaMessage, FinishReason, UsageInfo,
+    ChatCompletionStreamChoice, ChatCompletionStreamResponse, ChatMessage, DeltaMessage, FinishReason,
+    ImageContentPart, UsageInfo,
 )
 
 CacheStatus = Literal["hit", "semantic-hit", "miss", "bypass"]
@@ -41,8 +42,17 @@ def _digest(value: Any) -> str:
     return hashlib.sha256(orjson.dumps(value, option=orjson.OPT_SORT_KEYS)).hexdigest()
 
 
-def _messages(messages: list[ChatMessage]) -> list[list[str | None]]:
-    return [[m.role, m.name, normalise(m.text())] for m in messages]
+def _messages(messages: list[ChatMessage]) -> list[list[Any]]:
+    return [[m.role, m.name, normalise(m.text()), *_image_parts(m)] for m in messages]
+
+
+def _image_parts(message: ChatMessage) -> list[Any]:
+    """A message with images keys on its parts in order, each image by its URL's hash and detail
+    (text-only messages add nothing, so their keys are unchanged)."""
+    if not message.images() or not isinstance(message.content, list):
+        return []
+    return [[hashlib.sha256(p.image_url.url.encode()).hexdigest(), p.image_url.detail]
+            if isinstance(p, ImageContentPart) else normalise(p.text) for p in message.content]
 
 
 def _parameters(body: ChatCompletionRequest) -> dict[str, Any]:

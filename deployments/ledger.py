@@ -18,7 +18,7 @@ from typing import Literal
 
 from pydantic import BaseModel, Field
 
-from deployments import experiment_stats, experiments, overview, privacy, reports, templates
+from deployments import conversations, experiment_stats, experiments, memory, overview, privacy, reports, templates
 from deployments.privacy import AuditEntry, Content
 from serve_app.config import LedgerConfig
 
@@ -136,7 +136,8 @@ _INSERT_ATTEMPT = (
 _OPERATIONS = {f"{fn.__module__.rsplit('.', 1)[-1]}.{fn.__name__}": fn for fn in (
     templates.get, templates.versions, templates.names, templates.add_version, templates.activate,
     templates.rollback, templates.diff, experiments.create, experiments.get, experiments.listing,
-    experiments.transition, overview.summary, overview.series)}
+    experiments.transition, overview.summary, overview.series, conversations.create, conversations.get,
+    conversations.append, conversations.save_summary, conversations.delete, memory.get, memory.put, memory.patch)}
 _OPERATIONS["experiments.evaluate"] = experiment_stats.evaluate
 
 
@@ -156,7 +157,8 @@ class Ledger:
         self.db.execute("PRAGMA synchronous=NORMAL")
         self.db.execute("PRAGMA secure_delete=ON")  # erased content is overwritten, not left in free pages
         self.config = config
-        self.db.executescript(_SCHEMA + privacy.SCHEMA + templates.SCHEMA + experiments.SCHEMA)
+        self.db.executescript(_SCHEMA + privacy.SCHEMA + templates.SCHEMA + experiments.SCHEMA + conversations.SCHEMA
+                              + memory.SCHEMA)
         _migrate(self.db)
         with self.db:
             self.db.execute("BEGIN")
@@ -247,7 +249,8 @@ class Ledger:
         ``templates.versions``, ``templates.names``, ``templates.add_version``, ``templates.activate``,
         ``templates.rollback``, ``templates.diff``, ``experiments.create``, ``experiments.get``,
         ``experiments.listing``, ``experiments.transition``, ``experiments.evaluate``, ``overview.summary``,
-        ``overview.series``."""
+        ``overview.series``; conversations (``conversations.create``, ``.get``, ``.append``, ``.save_summary``,
+        ``.delete``) and users' memory (``memory.get``, ``.put``, ``.patch``)."""
         work = _OPERATIONS[operation]
 
         def run() -> object:

@@ -2,7 +2,8 @@
 
 Functions over the Ledger's SQLite connection (the Ledger calls them under its lock).
 Usage rows stay after an erasure, for billing, with the user replaced by a pseudonym;
-everything a user wrote or was answered goes. ``secure_delete`` overwrites what is
+everything a user wrote or was answered goes, stored conversations and memory included
+(those two are kept whatever the consent: the client asked for them). ``secure_delete`` overwrites what is
 deleted, so no content survives in the file's free pages.
 """
 
@@ -15,6 +16,8 @@ import time
 from typing import Any
 
 from pydantic import BaseModel, Field
+
+from deployments import conversations, memory
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS consent (
@@ -84,7 +87,8 @@ def _where(tenant: str | None, user: str, alias: str = "") -> tuple[str, list[st
 
 
 def export_user(db: sqlite3.Connection, tenant: str | None, user: str, columns: list[str]) -> dict[str, Any]:
-    """Everything the ledger holds about a user: requests, messages, feedback, usage, consent."""
+    """Everything the ledger holds about a user: requests, messages, feedback, usage, consent, conversations
+    (``deployments.conversations``) and memory (``deployments.memory``)."""
     where, params = _where(tenant, user)
     requests = [dict(zip(columns, row)) for row in db.execute(
         f"SELECT {', '.join(columns)} FROM requests WHERE {where} ORDER BY created_at", params)]
@@ -102,11 +106,13 @@ def export_user(db: sqlite3.Connection, tenant: str | None, user: str, columns: 
              "completion_tokens": sum(r["completion_tokens"] for r in requests),
              "cost_usd": sum(r["cost_usd"] for r in requests)}
     return {"object": "user.export", "user": user, "tenant": tenant, "consent": consent, "usage": usage,
-            "requests": requests, "messages": messages, "feedback": feedback}
+            "requests": requests, "messages": messages, "feedback": feedback,
+            "conversations": conversations.export_user(db, tenant, user), "memory": memory.export_user(db, tenant, user)}
 
 
 def erase_user(db: sqlite3.Connection, tenant: str | None, user: str) -> dict[str, int]:
-    """Delete the user's content and consent, blank their feedback comments, pseudonymise their usage rows."""
+    """Delete the user's content, consent, conversations and memory, blank their feedback comments, pseudonymise
+    their usage rows."""
     where, params = _where(tenant, user)
     r_where, r_params = _where(tenant, user, "requests")
     counts = {
@@ -115,6 +121,8 @@ def erase_user(db: sqlite3.Connection, tenant: str | None, user: str) -> dict[st
             f"UPDATE feedback SET comment = NULL WHERE comment IS NOT NULL AND request_id IN "
             f"(SELECT id FROM requests WHERE {r_where})", r_params).rowcount,
         "consent": db.execute(f"DELETE FROM consent WHERE {where}", params).rowcount,
+        **conversations.erase_user(db, tenant, user),
+        **memory.erase_user(db, tenant, user),
     }
     tenants = [t for (t,) in db.execute(f"SELECT DISTINCT tenant FROM requests WHERE {where}", params)]
     counts["requests_pseudonymised"] = sum(

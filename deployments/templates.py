@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from jinja2 import StrictUndefined, TemplateSyntaxError, UndefinedError
+from jinja2 import StrictUndefined, TemplateSyntaxError, UndefinedError, meta
 from jinja2.exceptions import SecurityError
 from jinja2.sandbox import SandboxedEnvironment
 from pydantic import BaseModel, Field
@@ -37,7 +37,7 @@ CREATE TABLE IF NOT EXISTS template_active (
 SEED_DIR = Path(__file__).resolve().parents[1] / "prompts"
 NAME = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"
 _ENV = SandboxedEnvironment(undefined=StrictUndefined, autoescape=False, keep_trailing_newline=False)
-_UNDEFINED = re.compile(r"'([^']+)' is undefined")
+_UNDEFINED = re.compile(r"'([^']+)' is undefined|has no attribute '([^']+)'")
 
 
 class TemplateVersion(BaseModel):
@@ -69,6 +69,14 @@ def check_syntax(body: str) -> None:
                                   code="template_syntax") from exc
 
 
+def names_used(body: str) -> set[str]:
+    """The top-level variables a template reads (``memory`` for ``{{ memory.level }}``); none if it does not parse."""
+    try:
+        return meta.find_undeclared_variables(_ENV.parse(body))
+    except TemplateSyntaxError:
+        return set()
+
+
 def render(name: str, body: str, variables: dict[str, Any]) -> str:
     """Render in the sandbox.
 
@@ -79,7 +87,7 @@ def render(name: str, body: str, variables: dict[str, Any]) -> str:
         return _ENV.from_string(body).render(**variables).strip()
     except UndefinedError as exc:
         match = _UNDEFINED.search(str(exc))
-        missing = match.group(1) if match else "?"
+        missing = (match.group(1) or match.group(2)) if match else "?"  # an absent key: {{ memory.level }}
         raise InvalidRequestError(f"The template '{name}' needs the variable '{missing}'.",
                                   param=f"variables.{missing}", code="template_variable_missing") from exc
     except SecurityError as exc:

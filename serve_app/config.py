@@ -15,6 +15,7 @@ from pydantic import Field, NonNegativeFloat, PositiveFloat, PositiveInt, field_
 from serve_app.alerts_config import AlertsConfig
 from serve_app.cache_config import CacheConfig
 from serve_app.config_base import BaseConfig
+from serve_app.conversations_config import ConversationsConfig, MemoryConfig
 from serve_app.cost_config import CostGuardConfig
 from serve_app.guard_config import GuardConfig
 from serve_app.rag_config import RetrieverConfig
@@ -108,6 +109,10 @@ class ModelConfig(BaseConfig):
     default_max_tokens: PositiveInt = Field(256, description="Output budget when the request sets none.")
     required: bool = Field(True, description="GET /health is 503 while a required model is down.")
     context_fallback: str | None = Field(None, description="Model with a larger window for prompts too long here.")
+    context_window_tokens: PositiveInt | None = Field(
+        None, description="Prompt plus output limit, for trimming conversation history; default the engine's "
+                          "max_model_len_tokens (hf, vllm), none (no trimming) for remote models.")
+    vision: bool = Field(False, description="Accepts image content parts (remote models only).")
     retry: RetryConfig = Field(default_factory=RetryConfig)
     circuit_breaker: CircuitBreakerConfig = Field(default_factory=CircuitBreakerConfig)
 
@@ -120,6 +125,18 @@ class ModelConfig(BaseConfig):
             if isinstance(params, dict):
                 data = {**data, "engine_params": ENGINE_PARAMS[data["engine"]].model_validate(params)}
         return data
+
+    @model_validator(mode="after")
+    def _check_vision(self) -> "ModelConfig":
+        if self.vision and self.engine != "remote":
+            raise ValueError(
+                f"models.{self.name}.vision: the {self.engine} engine serves text-only models (it would drop "
+                "the images); only remote models can be vision-capable")
+        return self
+
+    def context_window(self) -> int | None:
+        """The context window conversation history is fitted into, when known."""
+        return self.context_window_tokens or getattr(self.engine_params, "max_model_len_tokens", None)
 
     def cost_usd(self, prompt_tokens: int, completion_tokens: int) -> float:
         """Return the price of a call."""
@@ -154,6 +171,8 @@ class GatewaySettings(BaseConfig):
     max_body_bytes: PositiveInt = Field(1_048_576, description="Larger request bodies get a 413.")
     max_upload_bytes: PositiveInt = Field(
         50 * 1_048_576, description="The same for document uploads (POST /v1/collections/{name}/documents).")
+    max_image_bytes: PositiveInt = Field(
+        5 * 1_048_576, description="Largest image in a data URL (decoded); max_body_bytes applies first.")
     admin_key_env: str = Field("RAYGATE_ADMIN_KEY", description="Env var with a bootstrap admin key.")
     ledger_flush_interval_s: PositiveFloat = Field(0.5, description="Ledger rows are sent in batches this often.")
     ledger_batch_size: PositiveInt = Field(256, description="... or when this many are buffered.")
@@ -217,6 +236,8 @@ class GatewayConfig(BaseConfig):
     router: RouterConfig = Field(default_factory=RouterConfig)
     placement: PlacementConfig = Field(default_factory=PlacementConfig)
     logs: LogsConfig = Field(default_factory=LogsConfig)
+    conversations: ConversationsConfig = Field(default_factory=ConversationsConfig)
+    memory: MemoryConfig = Field(default_factory=MemoryConfig)
 
     @model_validator(mode="after")
     def _check_models(self) -> "GatewayConfig":
@@ -238,6 +259,8 @@ class GatewayConfig(BaseConfig):
         unknown = sorted(n for n in self.router.model_names() if base_model_name(n) not in names)
         if unknown:
             raise ValueError(f"router: tiers or domains name unknown models {unknown}")
+        if self.conversations.summary_model not in (None, *names):
+            raise ValueError(f"conversations.summary_model: unknown model '{self.conversations.summary_model}'")
         if AUTO_MODEL in names:
             raise ValueError(f"models: '{AUTO_MODEL}' is the router's name; pick another model name")
         return self

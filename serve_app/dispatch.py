@@ -92,7 +92,9 @@ class Dispatcher:
         """
         progress = _Progress(attempts=attempts)
         deadline = time.monotonic() + model.retry.total_timeout_s
-        chain = [model] + [self._model(name) for name in model.fallbacks]
+        # A fallback that cannot read the request's images is no option (the Gateway checked ``model``).
+        images = bool(body.images())
+        chain = [model] + [m for m in map(self._model, model.fallbacks) if m.vision or not images]
         index = 0
         while index < len(chain) and time.monotonic() < deadline:
             candidate = chain[index]
@@ -101,7 +103,8 @@ class Dispatcher:
                 answer = await self._try_model(body, candidate, deadline, progress)
             except InvalidRequestError as exc:
                 context = candidate.context_fallback
-                if exc.code != CONTEXT_LENGTH_CODE or context is None or context in {m.name for m in chain}:
+                if exc.code != CONTEXT_LENGTH_CODE or context is None or context in {m.name for m in chain} \
+                        or (images and not self._model(context).vision):
                     raise
                 chain.insert(index, self._model(context))
                 continue

@@ -32,8 +32,8 @@ from deployments.router import RoutePlan, Router
 from deployments.ledger import LedgerBuffer, RequestRecord
 from deployments.privacy import Content
 from serve_app import __version__
-from serve_app import (adapters, admin, api_routes, cache_admin, cost_admin, dashboard, experiment_admin,
-                       overview_admin, privacy_admin, rag_routes, router_admin, template_admin)
+from serve_app import (adapters, admin, api_routes, cache_admin, conversation_routes, cost_admin, dashboard,
+                       experiment_admin, overview_admin, privacy_admin, rag_routes, router_admin, template_admin)
 from serve_app.router_config import AUTO_MODEL
 from serve_app.alerts import Alerter
 from serve_app.auth import APIKey, KeyStore
@@ -59,6 +59,7 @@ from serve_app.dispatch import Attempt, Dispatcher
 from serve_app.grounding import Grounding, ground, query_of
 from serve_app.experimenting import ExperimentCache, with_variant
 from serve_app.prompting import TemplateCache, with_template
+from serve_app.conversing import Conversations
 from serve_app.handles import call, next_item
 from serve_app.metrics import GatewayMetrics
 from serve_app.middleware import RequestContextMiddleware, install_cors, install_error_handlers
@@ -78,6 +79,7 @@ from serve_app.stores import redis_client
 from serve_app.http_parts import GatewayAPI, answer_headers, client_language
 from serve_app.streaming import sse_events
 from serve_app.thresholds import ThresholdEvaluator
+from serve_app.vision import check_images, downgrade_refused, vision_capable
 from serve_app.watch import AnomalyWatcher, flood_alert, periodic_work
 
 logger = logging.getLogger(__name__)
@@ -93,7 +95,7 @@ app.add_middleware(RequestContextMiddleware, max_body_bytes=lambda path: app.sta
 install_error_handlers(app)
 app.state.max_body_bytes = app.state.max_upload_bytes = 1_048_576
 for routes in (admin, cost_admin, cache_admin, privacy_admin, api_routes, overview_admin, dashboard, rag_routes,
-               router_admin, template_admin, experiment_admin, adapters):
+               router_admin, template_admin, experiment_admin, adapters, conversation_routes):
     app.include_router(routes.router)
 
 
@@ -155,6 +157,7 @@ class Gateway:
         self.retriever = retriever
         self.ledger = ledger
         self.templates = TemplateCache(ledger)
+        self.conversations = Conversations(self)
         self.experiments = ExperimentCache(ledger)
         self.ledger_buffer = LedgerBuffer(
             self._send_to_ledger,
@@ -198,6 +201,7 @@ class Gateway:
             if (denied := limits.to_error()) is not None:
                 raise denied
             model = model or await self._route(key, body, record)
+            check_images(body, model, self.config.gateway.max_image_bytes)
             decision = await self.spend.reserve(record.id, key, body, model, tags)
         except RaygateError as exc:
             inspection.cancel()
@@ -208,16 +212,22 @@ class Gateway:
             record.flags = self._judge(key, await inspection)
             if body.template is not None:
                 template = await self.templates.get(body.template, template_version)
-                body, record.template = with_template(body, template), f"{template.name}@v{template.version}"
+                memory = await self.templates.memory(key, template, self.config.memory.enabled)
+                body, record.template = with_template(body, template, memory), f"{template.name}@v{template.version}"
             if (rag := body.rag or self.config.retriever.tenant_defaults.get(key.tenant)) and self.retriever:
                 body, grounding = await ground(self.retriever, key.tenant, body, rag)
                 record.rag_ms, record.rag_chunks = grounding.ms, grounding.chunk_ids
+            body = await self.conversations.expand(key, body, model, decision, record.id)  # history + summary
         except RaygateError as exc:
             self._record(record, started, None, None, exc, attempts)  # releases the reservation
             raise
         extension = grounding.extension() if grounding else None
         if decision.model is not None and decision.model != model.name:
             record.downgraded_from, model = model.name, self._model(decision.model)
+            if not vision_capable(body, model):
+                refused = downgrade_refused(decision, model)
+                self._record(record, started, None, None, refused, attempts)  # releases the reservation
+                raise refused
         body = capped_request(body, decision)
         plan = self.cache.plan(body, key.tenant, model.name, request.headers.get("cache-control"), record.template)
         if (hit := await self.cache.lookup(plan)) is not None:
@@ -239,9 +249,9 @@ class Gateway:
         category = record.category or request.headers.get(CATEGORY_HEADER)
         if answer.stream is None:
             self._correct_tokens(key, answer.first.usage, estimated_tokens, limits)
-            self._record(record, started, answer.model, answer.first.usage, None, attempts)
             choice = answer.first.choices[0]
             record.content.answer = choice.message.content  # type: ignore[union-attr]
+            self._record(record, started, answer.model, answer.first.usage, None, attempts)
             self._cache_store(plan, choice.message.content, choice.finish_reason, answer.model, answer.first.usage,
                               record, category)
             payload = answer.first.model_copy(update={"raygate": extension}).model_dump(mode="json")
@@ -374,6 +384,7 @@ class Gateway:
         if reserved:
             self.spend.finish(record.id, model, usage)
         self.ledger_buffer.add(fill_record(record, started, model, usage, error, attempts))
+        self.conversations.finish(record.id, record.content.answer if record.content and usage and not error else None)
         self.metrics.observe(record)
         self.request_log.write(record)
 

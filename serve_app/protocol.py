@@ -7,12 +7,16 @@ official reference: https://platform.openai.com/docs/api-reference/chat/create
 
 from __future__ import annotations
 
+import base64
+import binascii
 import logging
+import re
 import time
 import uuid
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
+from urllib.parse import urlsplit
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationInfo, field_validator, model_validator
 
 from deployments.retriever_protocol import RagOptions
 
@@ -21,6 +25,11 @@ logger = logging.getLogger(__name__)
 # The largest output budget a request may ask for (int32): above any context window, and small enough
 # that the token counters in Redis (int64) and in its Lua scripts (doubles) stay exact.
 MAX_OUTPUT_TOKENS = 2**31 - 1
+# Image content parts: a data URL must hold one of the image types every vision upstream takes.
+IMAGE_DATA_URL = re.compile(r"data:(image/(?:png|jpeg|gif|webp));base64,", re.IGNORECASE)
+# What one image counts in raygate's prompt *estimates* (reservations, rate limits, and usage an upstream did
+# not report): OpenAI's high-detail price of a 1024x1024 image (4 tiles x 170 + 85). Settling uses the real count.
+IMAGE_PROMPT_TOKENS = 765
 
 
 def check_unicode(*texts: str | None) -> None:
@@ -62,26 +71,118 @@ class TextContentPart(OpenAIBaseModel):
     text: str
 
 
+class ImageURL(OpenAIBaseModel):
+    """Where an image is: an http(s) URL, or the image itself as a base64 ``data:image/...`` URL."""
+
+    url: str = Field(description="http(s) URL, or data:image/(png|jpeg|gif|webp);base64,<data>.")
+    detail: Literal["auto", "low", "high"] | None = None
+
+    @field_validator("url")
+    @classmethod
+    def _check_url(cls, url: str) -> str:
+        if url[:5].lower() == "data:":
+            match = IMAGE_DATA_URL.match(url)
+            if match is None:
+                raise ValueError("a data URL must be data:image/(png|jpeg|gif|webp);base64,<data>")
+            data = url[match.end():]
+            try:
+                if not base64.b64decode(data, validate=True):
+                    raise ValueError("the data URL holds no image")
+            except binascii.Error:
+                raise ValueError("the data URL's image is not valid base64") from None
+            return url
+        check_unicode(url)
+        parts = urlsplit(url)
+        if parts.scheme.lower() not in ("http", "https") or not parts.hostname:
+            raise ValueError("the image URL must be an http(s) URL or a base64 data:image/... URL")
+        return url
+
+    def media_type(self) -> str | None:
+        """A data URL's image type (``image/png``...); None for an http(s) URL."""
+        match = IMAGE_DATA_URL.match(self.url)
+        return match.group(1).lower() if match else None
+
+    def data(self) -> str | None:
+        """A data URL's base64 payload; None for an http(s) URL."""
+        match = IMAGE_DATA_URL.match(self.url)
+        return self.url[match.end():] if match else None
+
+    def data_bytes(self) -> int:
+        """The decoded size of a data URL's image (0 for an http(s) URL: raygate never fetches it)."""
+        data = self.data()
+        return len(data) // 4 * 3 - data[-2:].count("=") if data else 0
+
+
+class ImageContentPart(OpenAIBaseModel):
+    """An image in a user message, for models configured ``vision: true``."""
+
+    type: Literal["image_url"]
+    image_url: ImageURL
+
+
+ContentPart = Annotated[TextContentPart | ImageContentPart, Field(discriminator="type")]
+# One adapter per part type, keyed by the part's index so a validation error names it (content.1.image_url.url).
+_PART_ADAPTERS: dict[str, TypeAdapter[Any]] = {
+    "text": TypeAdapter(dict[int, TextContentPart]),
+    "image_url": TypeAdapter(dict[int, ImageContentPart]),
+}
+
+
+def _content_part(index: int, raw: Any) -> TextContentPart | ImageContentPart:
+    kind = raw.get("type") if isinstance(raw, dict) else getattr(raw, "type", None)
+    adapter = _PART_ADAPTERS.get(kind) if isinstance(kind, str) else None
+    if adapter is None:
+        raise ValueError(f"content part {index} must have type 'text' or 'image_url'")
+    part: TextContentPart | ImageContentPart = adapter.validate_python({index: raw})[index]
+    return part
+
+
 class ChatMessage(OpenAIBaseModel):
-    """One message of a conversation. Content is text or a list of text parts."""
+    """One message of a conversation. Content is text, or a list of text parts and (user messages) image parts."""
 
     role: Literal["system", "developer", "user", "assistant", "tool"]
-    content: str | list[TextContentPart] | None = None
+    content: str | list[ContentPart] | None = None
     name: str | None = None
+
+    @field_validator("content", mode="wrap")
+    @classmethod
+    def _parse_parts(cls, value: Any, handler: Any) -> Any:
+        # Each part is validated by its type, so an error names the part, not a branch of the union.
+        if isinstance(value, list):
+            return [_content_part(index, raw) for index, raw in enumerate(value)]
+        if value is not None and not isinstance(value, str):
+            raise ValueError("content must be a string or a list of content parts")
+        return handler(value)
 
     @field_validator("content", "name")
     @classmethod
-    def _check_text(cls, value: str | list[TextContentPart] | None) -> str | list[TextContentPart] | None:
-        check_unicode(*(part.text for part in value) if isinstance(value, list) else (value,))
+    def _check_text(cls, value: str | list[ContentPart] | None) -> str | list[ContentPart] | None:
+        check_unicode(*(part.text for part in value if isinstance(part, TextContentPart))
+                      if isinstance(value, list) else (value,))
+        return value
+
+    @field_validator("content")
+    @classmethod
+    def _images_only_from_users(cls, value: str | list[ContentPart] | None,
+                                info: ValidationInfo) -> str | list[ContentPart] | None:
+        role = info.data.get("role")
+        if isinstance(value, list) and role != "user" and any(isinstance(p, ImageContentPart) for p in value):
+            raise ValueError(f"image content parts are only allowed in user messages, not in {role} messages")
         return value
 
     def text(self) -> str:
-        """Return the message content as one string."""
+        """Return the message's text as one string (images contribute none)."""
         if self.content is None:
             return ""
         if isinstance(self.content, str):
             return self.content
-        return "".join(part.text for part in self.content)
+        return "".join(part.text for part in self.content if isinstance(part, TextContentPart))
+
+    def images(self) -> list[ImageURL]:
+        """Return the message's images, in order (only user messages have any)."""
+        if not isinstance(self.content, list):
+            return []
+        return [part.image_url for part in self.content if isinstance(part, ImageContentPart)]
 
 
 class StreamOptions(OpenAIBaseModel):
@@ -110,6 +211,9 @@ class ChatCompletionRequest(OpenAIBaseModel):
     template: str | None = Field(default=None, min_length=1, max_length=64,
                                  description="raygate extension: a prompt template rendered as the system prompt.")
     variables: dict[str, Any] = Field(default_factory=dict, description="raygate extension: the template's variables.")
+    conversation_id: str | None = Field(default=None, min_length=1, max_length=128,
+                                        description="raygate extension: a stored conversation this request continues "
+                                                    "(send only the new turn; the history is prepended).")
 
     @field_validator("stop")
     @classmethod
@@ -119,7 +223,7 @@ class ChatCompletionRequest(OpenAIBaseModel):
         check_unicode(*(value if isinstance(value, list) else (value,)))
         return value
 
-    @field_validator("user")
+    @field_validator("user", "conversation_id")
     @classmethod
     def _check_user(cls, value: str | None) -> str | None:
         check_unicode(value)
@@ -138,6 +242,10 @@ class ChatCompletionRequest(OpenAIBaseModel):
     def include_usage(self) -> bool:
         """Return whether a stream should end with a usage chunk."""
         return bool(self.stream_options and self.stream_options.include_usage)
+
+    def images(self) -> list[ImageURL]:
+        """Return every image of the conversation (image content parts of user messages)."""
+        return [image for message in self.messages for image in message.images()]
 
 
 class UsageInfo(BaseModel):

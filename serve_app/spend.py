@@ -15,7 +15,7 @@ from serve_app.config import ModelConfig
 from serve_app.errors import RaygateError
 from serve_app.placement import Placed
 from serve_app.tasks import BackgroundTasks
-from serve_app.protocol import ChatCompletionRequest, UsageInfo
+from serve_app.protocol import IMAGE_PROMPT_TOKENS, ChatCompletionRequest, UsageInfo
 
 logger = logging.getLogger(__name__)
 
@@ -28,9 +28,11 @@ def estimate_prompt_tokens(body: ChatCompletionRequest) -> int:
     """A cheap, generous prompt estimate for the reservation (settle uses the real count).
 
     Bytes / 3 over-counts most languages' tokens (OpenAI's rule of thumb is ~4 characters
-    a token), so a reservation rarely falls short of the real prompt.
+    a token), so a reservation rarely falls short of the real prompt. Each image adds
+    ``IMAGE_PROMPT_TOKENS`` (765, OpenAI's high-detail price of a 1024x1024 image).
     """
-    return sum(len(m.text().encode("utf-8")) // 3 + _PER_MESSAGE_TOKENS for m in body.messages)
+    text = sum(len(m.text().encode("utf-8")) // 3 + _PER_MESSAGE_TOKENS for m in body.messages)
+    return text + IMAGE_PROMPT_TOKENS * len(body.images())
 
 
 def parse_tags(header: str | None) -> list[str]:

@@ -5,7 +5,8 @@ Kept apart from ``fake_upstream.py`` (the server, faults, the OpenAI routes) so 
 ``/v1/messages`` honours ``stop_sequences``: the text ends before the first one
 (``stop_reason`` ``"stop_sequence"``). It is stricter than Anthropic about roles:
 ``user`` and ``assistant`` must alternate, starting with ``user``, so tests catch a
-translation that forgot to merge turns. Like Anthropic, it refuses sampling
+translation that forgot to merge turns. Content blocks must be non-empty ``text`` or
+``image`` (a ``base64`` or ``url`` source), so an untranslated OpenAI part is a 400. Like Anthropic, it refuses sampling
 parameters under ``anthropic-version`` 2026-10-21 (SDK 2.x's default) and later, and
 a ``temperature`` above 1 under older versions.
 """
@@ -121,6 +122,27 @@ def _sampling_error(api_version: str, body: dict[str, Any]) -> str | None:
     temperature = body.get("temperature")
     if isinstance(temperature, (int, float)) and not 0 <= temperature <= 1:
         return "temperature: Input should be less than or equal to 1"
+    return None
+
+
+_IMAGE_MEDIA_TYPES = ("image/jpeg", "image/png", "image/gif", "image/webp")
+
+
+def _content_error(messages: list[Any]) -> str | None:
+    """Return why Anthropic would refuse a content block (non-empty text and image blocks pass), or None."""
+    for i, message in enumerate(messages):
+        content = message.get("content") if isinstance(message, dict) else None
+        for j, block in enumerate(content if isinstance(content, list) else ()):
+            kind = block.get("type") if isinstance(block, dict) else None
+            source = block.get("source") if kind == "image" else None
+            if kind == "text" and isinstance(block.get("text"), str) and block["text"]:
+                continue
+            if isinstance(source, dict) and (
+                    (source.get("type") == "base64" and source.get("media_type") in _IMAGE_MEDIA_TYPES
+                     and isinstance(source.get("data"), str))
+                    or (source.get("type") == "url" and isinstance(source.get("url"), str))):
+                continue
+            return f"messages.{i}.content.{j}: not a valid text or image block (type {kind!r})"
     return None
 
 

@@ -33,6 +33,8 @@ class Fault:
 
 
 PHRASE = "the quick brown fox jumps over the lazy dog".split()
+# What the fake bills per image part (OpenAI ``image_url`` or Anthropic ``image``): OpenAI's low-detail price.
+IMAGE_TOKENS = 85
 
 
 def _text_of(content: Any) -> str:
@@ -43,6 +45,13 @@ def _text_of(content: Any) -> str:
     return ""
 
 
+def _images_of(content: Any) -> int:
+    if not isinstance(content, list):
+        return 0
+    return sum(1 for p in content if isinstance(p, dict) and p.get("type") in ("image_url", "image"))
+
+
 def count_prompt_words(body: dict[str, Any]) -> int:
-    """Return the fake's prompt token count: whitespace words of all message contents."""
-    return sum(len(_text_of(m.get("content")).split()) for m in body.get("messages") or () if isinstance(m, dict))
+    """Return the fake's prompt token count: whitespace words of all message contents, ``IMAGE_TOKENS`` an image."""
+    messages = [m for m in body.get("messages") or () if isinstance(m, dict)]
+    return sum(len(_text_of(m.get("content")).split()) + IMAGE_TOKENS * _images_of(m.get("content")) for m in messages)

@@ -9,7 +9,8 @@ assert what an engine reports and benchmarks measure raygate, not a model:
   ``max_completion_tokens`` is smaller; then ``finish_reason`` is ``"length"``,
   Anthropic's ``stop_reason`` ``"max_tokens"``);
 * ``prompt_tokens`` is the number of whitespace-separated words in all message
-  contents; ``completion_tokens`` the number of words emitted (one per content chunk).
+  contents, plus ``IMAGE_TOKENS`` (85) per image part; ``completion_tokens`` the number
+  of words emitted (one per content chunk).
   Anthropic's ``input_tokens`` counts the words of ``system`` too;
 * ``/v1/messages`` behaves as ``tests/fake_anthropic.py`` says (stop sequences, strict
   roles, Anthropic's rules on sampling parameters).
@@ -57,6 +58,7 @@ from aiohttp import web
 
 from tests.fake_anthropic import (
     _MessagesAnswer,
+    _content_error,
     _cut_at_stop,
     _pieces,
     _roles_error,
@@ -325,7 +327,8 @@ class FakeUpstream:
         limit = body.get("max_tokens")
         if not isinstance(limit, int) or limit < 1:
             return anthropic_error_response(400, "max_tokens: Field required")
-        refusal = _roles_error(body["messages"]) or _sampling_error(request.headers.get("anthropic-version", ""), body)
+        refusal = _roles_error(body["messages"]) or _content_error(body["messages"]) \
+            or _sampling_error(request.headers.get("anthropic-version", ""), body)
         if refusal is not None:
             return anthropic_error_response(400, refusal)
         if fault is not None and fault.kind == "status":

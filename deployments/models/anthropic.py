@@ -18,6 +18,9 @@ How requests translate, and why:
 * A last ``assistant`` message is a prefill: Claude continues it, where an OpenAI
   model would answer after it.
 * ``tool`` messages are refused: raygate forwards no tool definitions.
+* Image parts (user messages of ``vision: true`` models) become ``image`` blocks, in
+  place among the text blocks: a data URL a ``base64`` source with its media type, an
+  http(s) URL a ``url`` source; OpenAI's ``detail`` has no equivalent and is dropped.
 * ``temperature`` and ``top_p`` are dropped: API version 2026-10-21, the one SDK
   2.x sends, refuses sampling parameters with a 400 (the SDK removed them). Pinning
   an older version (``extra_headers: {anthropic-version: "2023-06-01"}``) forwards
@@ -68,6 +71,8 @@ from serve_app.protocol import (
     ChatCompletionResponse,
     ChatMessage,
     FinishReason,
+    ImageContentPart,
+    ImageURL,
     UsageInfo,
 )
 
@@ -123,18 +128,17 @@ def translate_messages(messages: Sequence[ChatMessage]) -> tuple[str | None, lis
         InvalidRequestError: a ``tool`` message, no user text, or an assistant first turn.
     """
     system: list[str] = []
-    turns: list[tuple[str, list[str]]] = []
+    turns: list[tuple[str, list[dict[str, Any]]]] = []
     for message in messages:
-        text = message.text()
         if message.role in _SYSTEM_ROLES:
-            if text:
+            if text := message.text():
                 system.append(text)
         elif message.role == "tool":
             raise InvalidRequestError("Tool messages are not supported for Anthropic models.", param="messages")
-        elif text and turns and turns[-1][0] == message.role:
-            turns[-1][1].append(text)
-        elif text:
-            turns.append((message.role, [text]))
+        elif (blocks := _blocks(message)) and turns and turns[-1][0] == message.role:
+            turns[-1][1].extend(blocks)
+        elif blocks:
+            turns.append((message.role, blocks))
     if not turns or turns[0][0] != "user":
         raise InvalidRequestError(
             "Anthropic models need a conversation that starts with a user message "
@@ -143,10 +147,27 @@ def translate_messages(messages: Sequence[ChatMessage]) -> tuple[str | None, lis
             param="messages",
         )
     anthropic_messages = [
-        {"role": role, "content": texts[0] if len(texts) == 1 else [{"type": "text", "text": t} for t in texts]}
-        for role, texts in turns
+        {"role": role, "content": blocks[0]["text"] if len(blocks) == 1 and blocks[0]["type"] == "text" else blocks}
+        for role, blocks in turns
     ]
     return "\n\n".join(system) or None, anthropic_messages
+
+
+def _blocks(message: ChatMessage) -> list[dict[str, Any]]:
+    """A user or assistant message as Anthropic content blocks: its text, or, with images, its parts in order."""
+    if not message.images() or not isinstance(message.content, list):
+        text = message.text()
+        return [{"type": "text", "text": text}] if text else []
+    return [_image_block(part.image_url) if isinstance(part, ImageContentPart) else {"type": "text", "text": part.text}
+            for part in message.content if isinstance(part, ImageContentPart) or part.text]
+
+
+def _image_block(image: ImageURL) -> dict[str, Any]:
+    """An image part as Anthropic's image block: a base64 source for a data URL, a url source otherwise."""
+    data = image.data()
+    if data is not None:
+        return {"type": "image", "source": {"type": "base64", "media_type": image.media_type(), "data": data}}
+    return {"type": "image", "source": {"type": "url", "url": image.url}}
 
 
 def _finish_reason(stop_reason: str | None) -> FinishReason:

@@ -186,8 +186,11 @@ def encode_chat(tokenizer: Any, request: ChatCompletionRequest, max_len_tokens: 
     Raises:
         InvalidRequestError: the template rejects the messages, or the prompt leaves no room
             in the context window (``code`` ``context_length_exceeded``: the dispatcher's
-            cue for ``context_fallback``).
+            cue for ``context_fallback``), or the request has images (``model_not_vision_capable``).
     """
+    if request.images():  # the Gateway refuses images for these (text-only) models; never drop them silently
+        raise InvalidRequestError(f"The model '{model}' does not accept images.", param="messages",
+                                  code="model_not_vision_capable")
     messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in request.messages]
     try:
         prompt = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)

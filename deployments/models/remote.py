@@ -25,6 +25,7 @@ from serve_app.protocol import (
     ChatCompletionChoice,
     ChatCompletionRequest,
     ChatCompletionResponse,
+    ChatMessage,
     FinishReason,
     UsageInfo,
 )
@@ -38,6 +39,13 @@ _FORWARDED_FIELDS = ("temperature", "top_p", "frequency_penalty", "presence_pena
 def map_openai_errors(model: str) -> contextlib.AbstractContextManager[None]:
     """Translate ``openai`` SDK exceptions into raygate errors (see ``provider.map_sdk_errors``)."""
     return map_sdk_errors(openai, model)
+
+
+def _content(message: ChatMessage) -> str | list[dict[str, Any]]:
+    """A message's content for the upstream: its text, or, when it has images, its parts as the client sent them."""
+    if not message.images() or not isinstance(message.content, list):
+        return message.text()
+    return [part.model_dump(mode="json", exclude_unset=True) for part in message.content]
 
 
 def _finish_reason(value: str | None) -> FinishReason:
@@ -68,7 +76,7 @@ class RemoteEngine(SDKClientMixin, Engine):
     def _create_kwargs(self, request: ChatCompletionRequest) -> dict[str, Any]:
         kwargs: dict[str, Any] = {
             "model": self.params.model,
-            "messages": [{"role": m.role, "content": m.text()} for m in request.messages],
+            "messages": [{"role": m.role, "content": _content(m)} for m in request.messages],
             "max_tokens": request.max_output_tokens(self.config.default_max_tokens),
         }
         for name in _FORWARDED_FIELDS:

@@ -38,7 +38,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, Final
 
-from serve_app.protocol import ChatMessage, UsageInfo
+from serve_app.protocol import IMAGE_PROMPT_TOKENS, ChatMessage, UsageInfo
 
 __all__ = ["TokenCounter", "count_prompt_tokens", "count_text_tokens", "estimate_usage", "token_counter"]
 
@@ -266,7 +266,9 @@ async def estimate_usage(
 
     def count() -> UsageInfo:
         counter = token_counter(model_hint)
-        prompt = counter.count_prompt(messages) if prompt_tokens is None else prompt_tokens
+        images = sum(len(m.images()) for m in messages)  # no tokenizer counts images: the estimates' allowance
+        prompt = counter.count_prompt(messages) + IMAGE_PROMPT_TOKENS * images if prompt_tokens is None \
+            else prompt_tokens
         output = counter.count_text(completion) if completion_tokens is None else completion_tokens
         return UsageInfo.of(prompt, output, estimated=True)
 

@@ -4,7 +4,9 @@ The graph serves: ``tiny`` (hf engine, the generated tiny model), ``echo`` (the
 remote engine against a fake OpenAI-compatible upstream started here), ``broken``
 (a remote model whose upstream is down, falling back to ``echo``), and three models
 on a second, fault-injecting fake (``flaky`` with fallback, ``flaky-solo`` without,
-``circuit`` with a quick circuit breaker).
+``circuit`` with a quick circuit breaker), and the vision-capable ``vision-echo``,
+``vision-claude`` and ``vision-flaky`` (falling back past the text-only ``echo``), and ``echo-small``
+(``echo`` with a 300-token window, for conversation history; ``echo`` summarises).
 """
 
 from __future__ import annotations
@@ -103,6 +105,9 @@ def ray_cluster() -> Iterator[int]:
     # That flag also buffers 1000 log records per replica before writing; tests that read the
     # replicas' log files (test_redaction) need each record on disk when it is logged.
     os.environ["RAY_SERVE_REQUEST_PATH_LOG_BUFFER_SIZE"] = "1"
+    # It also makes a stopping Gateway replica drain for 30 s (for a load balancer in front of direct
+    # ingress): every app the suite deletes would wait that long. No balancer here: 1 s.
+    os.environ["RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S"] = "1"
     ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False)
     serve.start(http_options={"host": "127.0.0.1", "port": port}, logging_config={"enable_access_log": False})
     yield port
@@ -119,6 +124,7 @@ NO_RATE_LIMITS = {"plans": {"free": {}, "premium": {}, "enterprise": {}}, "flood
 UNAVAILABLE_FR = "Le service est momentanément indisponible."
 INJECTION_BLOCKING_TENANT = "strict-school"
 ALERT_RULE, ALERT_BUDGET = "test-budget-rule", "alerts-test"
+CONVERSATION_WINDOW, CONVERSATION_SUMMARY_TOKENS = 300, 32
 
 
 def flaky_models(flaky_url: str) -> list[dict[str, Any]]:
@@ -133,6 +139,22 @@ def flaky_models(flaky_url: str) -> list[dict[str, Any]]:
         {"name": "circuit", "engine": "remote", "engine_params": params, "fallbacks": ["echo"], "required": False,
          "retry": {**FAST_RETRY, "max_attempts": 1},
          "circuit_breaker": {"failure_threshold": 2, "cooldown_s": 1.0}},
+    ]
+
+
+def vision_models(upstream_url: str, flaky_url: str) -> list[dict[str, Any]]:
+    """Vision-capable models (test_multimodal_gateway): OpenAI and Anthropic on the fake, and one on the
+    fault-injecting fake whose first fallback (echo) cannot read images."""
+    key = {"api_key_env": "RAYGATE_TEST_UPSTREAM_KEY"}
+    return [
+        {"name": "vision-echo", "engine": "remote", "vision": True, "required": False,
+         "engine_params": {"base_url": upstream_url, "model": "fake-vision", **key},
+         "input_price_per_1m_usd": 3.0, "output_price_per_1m_usd": 6.0},
+        {"name": "vision-claude", "engine": "remote", "vision": True, "required": False,
+         "engine_params": {"provider": "anthropic", "base_url": upstream_url, "model": "claude-vision-fake", **key}},
+        {"name": "vision-flaky", "engine": "remote", "vision": True, "required": False,
+         "engine_params": {"base_url": flaky_url, "model": "fake-flaky"}, "fallbacks": ["echo", "vision-echo"],
+         "retry": {**FAST_RETRY, "max_attempts": 1}, "circuit_breaker": NO_CIRCUIT},
     ]
 
 
@@ -154,6 +176,10 @@ def app_args(data_dir: Path, redis_url: str, upstream_url: str, flaky_url: str) 
              "engine_params": {"provider": "anthropic", "base_url": upstream_url, "model": "claude-fake",
                                "api_key_env": "RAYGATE_TEST_UPSTREAM_KEY"}},
             *flaky_models(flaky_url),
+            # test_conversations_gateway: a small window, so stored history is trimmed or summarised (by echo).
+            {"name": "echo-small", "engine": "remote", "context_window_tokens": CONVERSATION_WINDOW, "required": False,
+             "engine_params": {"base_url": upstream_url, "model": "fake-echo", "api_key_env": "RAYGATE_TEST_UPSTREAM_KEY"}},
+            *vision_models(upstream_url, flaky_url),
         ],
         "stores": {"redis_url": redis_url, "data_dir": str(data_dir)},
         # The suite sends many requests with one key: no rate limits here (test_cost_guard_gateway tests them).
@@ -161,7 +187,8 @@ def app_args(data_dir: Path, redis_url: str, upstream_url: str, flaky_url: str) 
                              "complex_reasoning": "claude", "deep_analysis": "claude"},
                    "domains": {"poultry": "tiny"}},
         "guard": {**NO_RATE_LIMITS, "injection": {"tenant_actions": {INJECTION_BLOCKING_TENANT: "block"}}},
-        "gateway": {"max_body_bytes": 65536, "ledger_flush_interval_s": 0.1,
+        "conversations": {"summary_model": "echo", "summary_max_tokens": CONVERSATION_SUMMARY_TOKENS},
+        "gateway": {"max_body_bytes": 65536, "max_image_bytes": 16384, "ledger_flush_interval_s": 0.1,
                     "unavailable_messages": {"fr": UNAVAILABLE_FR}},
         # test_observability creates the budget at run time and drives the rule both ways.
         "alerts": {"rules": [{"name": ALERT_RULE, "metric": "budget_spent_fraction", "above": 0.1,

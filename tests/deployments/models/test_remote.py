@@ -19,9 +19,14 @@ from serve_app.errors import (
     UpstreamTimeoutError,
     UpstreamUnavailableError,
 )
-from serve_app.protocol import ChatCompletionRequest, ChatCompletionResponse, ChatCompletionStreamResponse
+from serve_app.protocol import (
+    IMAGE_PROMPT_TOKENS,
+    ChatCompletionRequest,
+    ChatCompletionResponse,
+    ChatCompletionStreamResponse,
+)
 from tests.deployments.models.contract import check_stream, run
-from tests.fake_common import PHRASE
+from tests.fake_common import IMAGE_TOKENS, PHRASE
 from tests.fake_upstream import FakeUpstream
 
 WORDS = 8
@@ -261,3 +266,31 @@ async def test_faults_via_control_endpoint(engine: RemoteEngine, upstream: FakeU
             state = await resp.json()
     assert state["request_count"] == 3 and state["faults"] == []
     assert state["last_headers"]["authorization"] == f"Bearer {SECRET}"
+
+
+PNG_URL = "data:image/png;base64,iVBORw0KGgo="
+IMAGE_MESSAGES = [
+    {"role": "system", "content": "be brief"},
+    {"role": "user", "content": [{"type": "text", "text": "what is"}, {"type": "text", "text": " this"},
+                                 {"type": "image_url", "image_url": {"url": PNG_URL, "detail": "low"}},
+                                 {"type": "image_url", "image_url": {"url": "https://x.example/a.jpg"}}]},
+]
+
+
+@pytest.mark.parametrize("stream", [False, True])
+async def test_image_parts_are_forwarded_unchanged(engine: RemoteEngine, upstream: FakeUpstream, stream: bool) -> None:
+    request = make_request(stream, messages=IMAGE_MESSAGES)
+    outputs = await run(engine, request)
+    usage = _check_stream(outputs)[1].usage if stream else outputs[0].usage
+    assert upstream.last_body is not None and upstream.last_body["messages"] == IMAGE_MESSAGES
+    assert usage is not None and not usage.estimated
+    assert usage.prompt_tokens == 5 + 2 * IMAGE_TOKENS  # as the fake reports: its words and its image price
+
+
+async def test_missing_usage_with_images_adds_the_allowance(engine: RemoteEngine, upstream: FakeUpstream) -> None:
+    upstream.omit_usage()
+    request = make_request(False, messages=IMAGE_MESSAGES)
+    [response] = await run(engine, request)
+    assert response.usage.estimated
+    assert response.usage.prompt_tokens == count_prompt_tokens(request.messages, "upstream-model") \
+        + 2 * IMAGE_PROMPT_TOKENS
