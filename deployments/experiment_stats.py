@@ -1,9 +1,10 @@
 """An experiment's results from the ledger, with significance (scipy.stats) and the winner.
 
 Per variant: requests, success rate, latency p50/p95, cost per request and feedback
-score (a 1–5 rating scaled to 0–1, else thumbs up 1 / down 0). Each challenger is
+score (a 1–5 rating scaled to 0–1, else thumbs up 1 / down 0) and judge score (the
+mean 1–5 score of the judged requests, ``deployments.evaluations``). Each challenger is
 compared with the control (the first variant): success rates by a two-proportion
-z-test, latency, cost and feedback by Welch's t-test, each with a 95 % confidence
+z-test, latency, cost, feedback and judge score by Welch's t-test, each with a 95 % confidence
 interval of the difference and the sample size per variant that would detect the
 observed difference (or 5 points of success rate) with 80 % power. A winner is
 named only when both arms have ``min_samples`` requests and the difference on the
@@ -19,7 +20,7 @@ from typing import Any
 import numpy as np
 from scipy import stats
 
-from deployments import experiments, templates
+from deployments import evaluations, experiments, templates
 from deployments.experiments import Experiment
 
 _LOWER_IS_BETTER = {"latency", "cost"}
@@ -27,12 +28,16 @@ _POWER_Z = stats.norm.ppf(0.8)
 
 
 def rows_by_variant(db: sqlite3.Connection, experiment_id: str) -> dict[str, dict[str, list[float]]]:
-    """Each variant's outcomes: ok (1/0), latency ms, cost USD, feedback score (rated requests only)."""
+    """Each variant's outcomes: ok (1/0), latency ms, cost USD, feedback score (rated requests only), judge score
+    (1-5, judged requests only)."""
     data: dict[str, dict[str, list[float]]] = {}
-    sql = ("SELECT r.variant, r.status, r.latency_ms, r.cost_usd, f.rating, f.thumbs FROM requests r "
+    sql = (f"SELECT r.variant, r.status, r.latency_ms, r.cost_usd, f.rating, f.thumbs, "
+           f"{evaluations.LATEST_SCORE_SQL.format(id='r.id')} FROM requests r "
            "LEFT JOIN feedback f ON f.request_id = r.id WHERE r.experiment = ?")
-    for variant, status, latency, cost, rating, thumbs in db.execute(sql, [experiment_id]):
-        d = data.setdefault(variant, {"ok": [], "latency": [], "cost": [], "feedback": []})
+    for variant, status, latency, cost, rating, thumbs, score in db.execute(sql, [experiment_id]):
+        d = data.setdefault(variant, {"ok": [], "latency": [], "cost": [], "feedback": [], "judge_score": []})
+        if score is not None:
+            d["judge_score"].append(float(score))
         d["ok"].append(1.0 if status == 200 else 0.0)
         d["latency"].append(float(latency))
         d["cost"].append(float(cost))
@@ -42,7 +47,7 @@ def rows_by_variant(db: sqlite3.Connection, experiment_id: str) -> dict[str, dic
 
 
 def _values(d: dict[str, list[float]], metric: str) -> list[float]:
-    return d["ok"] if metric == "success_rate" else d[metric]
+    return d["ok"] if metric == "success_rate" else d.get(metric, [])
 
 
 def compare(control: list[float], other: list[float], metric: str, alpha: float) -> dict[str, Any]:
@@ -78,12 +83,14 @@ def summary(name: str, d: dict[str, list[float]]) -> dict[str, Any]:
             "latency_p95_ms": float(np.percentile(d["latency"], 95)) if n else None,
             "cost_per_request_usd": float(np.mean(d["cost"])) if n else None,
             "feedback_score": float(np.mean(d["feedback"])) if d["feedback"] else None,
-            "feedback_count": len(d["feedback"])}
+            "feedback_count": len(d["feedback"]),
+            "judge_score": float(np.mean(d["judge_score"])) if d.get("judge_score") else None,
+            "judge_count": len(d.get("judge_score", []))}
 
 
 def results(experiment: Experiment, data: dict[str, dict[str, list[float]]]) -> dict[str, Any]:
     """Per-variant figures, each challenger against the control, and the winner when there is one."""
-    empty = {"ok": [], "latency": [], "cost": [], "feedback": []}
+    empty: dict[str, list[float]] = {"ok": [], "latency": [], "cost": [], "feedback": [], "judge_score": []}
     control = experiment.variants[0].name
     base = data.get(control, empty)
     variants, candidates = [], []

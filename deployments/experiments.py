@@ -22,7 +22,7 @@ from pydantic import BaseModel, Field, model_validator
 from serve_app.errors import InvalidRequestError, NotFoundError
 
 Status = Literal["draft", "running", "paused", "completed"]
-Metric = Literal["success_rate", "latency", "cost", "feedback"]
+Metric = Literal["success_rate", "latency", "cost", "feedback", "judge_score"]
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS experiments (
     id TEXT PRIMARY KEY, name TEXT NOT NULL, spec TEXT NOT NULL, status TEXT NOT NULL, winner TEXT,

@@ -19,6 +19,7 @@ from typing import Literal
 from pydantic import BaseModel, Field
 
 from deployments import conversations, experiment_stats, experiments, memory, overview, privacy, reports, templates
+from deployments import evaluations
 from deployments.privacy import AuditEntry, Content
 from serve_app.config import LedgerConfig
 
@@ -87,6 +88,7 @@ class RequestRecord(BaseModel):
     usage_estimated: bool = False
     tags: str | None = Field(None, description="Caller tags (x-raygate-tag), comma-separated.")
     downgraded_from: str | None = Field(None, description="The requested model, when CostGuard downgraded it.")
+    mode: str | None = Field(None, description="brief or expand (brief-then-expand answers), else None.")
     attempt_log: list[AttemptRecord] = Field(default_factory=list)
     content: Content | None = Field(None, description="Messages and answer; kept only with the user's consent.")
 
@@ -139,6 +141,7 @@ _OPERATIONS = {f"{fn.__module__.rsplit('.', 1)[-1]}.{fn.__name__}": fn for fn in
     experiments.transition, overview.summary, overview.series, conversations.create, conversations.get,
     conversations.append, conversations.save_summary, conversations.delete, memory.get, memory.put, memory.patch)}
 _OPERATIONS["experiments.evaluate"] = experiment_stats.evaluate
+_OPERATIONS["evaluations.add"], _OPERATIONS["evaluations.listing"] = evaluations.add, evaluations.listing
 
 
 class Ledger:
@@ -158,7 +161,7 @@ class Ledger:
         self.db.execute("PRAGMA secure_delete=ON")  # erased content is overwritten, not left in free pages
         self.config = config
         self.db.executescript(_SCHEMA + privacy.SCHEMA + templates.SCHEMA + experiments.SCHEMA + conversations.SCHEMA
-                              + memory.SCHEMA)
+                              + memory.SCHEMA + evaluations.SCHEMA)
         _migrate(self.db)
         with self.db:
             self.db.execute("BEGIN")
@@ -250,7 +253,8 @@ class Ledger:
         ``templates.rollback``, ``templates.diff``, ``experiments.create``, ``experiments.get``,
         ``experiments.listing``, ``experiments.transition``, ``experiments.evaluate``, ``overview.summary``,
         ``overview.series``; conversations (``conversations.create``, ``.get``, ``.append``, ``.save_summary``,
-        ``.delete``) and users' memory (``memory.get``, ``.put``, ``.patch``)."""
+        ``.delete``), users' memory (``memory.get``, ``.put``, ``.patch``) and judge scores
+        (``evaluations.add``, ``.listing``)."""
         work = _OPERATIONS[operation]
 
         def run() -> object:

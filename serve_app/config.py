@@ -13,10 +13,12 @@ from typing import Annotated, Any, Literal
 from pydantic import Field, NonNegativeFloat, PositiveFloat, PositiveInt, field_validator, model_validator
 
 from serve_app.alerts_config import AlertsConfig
+from serve_app.brief_config import BriefConfig
 from serve_app.cache_config import CacheConfig
 from serve_app.config_base import BaseConfig
 from serve_app.conversations_config import ConversationsConfig, MemoryConfig
 from serve_app.cost_config import CostGuardConfig
+from serve_app.evaluation_config import EvaluationConfig
 from serve_app.guard_config import GuardConfig
 from serve_app.rag_config import RetrieverConfig
 from serve_app.request_log import LogsConfig
@@ -238,6 +240,8 @@ class GatewayConfig(BaseConfig):
     logs: LogsConfig = Field(default_factory=LogsConfig)
     conversations: ConversationsConfig = Field(default_factory=ConversationsConfig)
     memory: MemoryConfig = Field(default_factory=MemoryConfig)
+    brief: BriefConfig = Field(default_factory=BriefConfig)
+    evaluation: EvaluationConfig = Field(default_factory=EvaluationConfig)
 
     @model_validator(mode="after")
     def _check_models(self) -> "GatewayConfig":
@@ -261,6 +265,7 @@ class GatewayConfig(BaseConfig):
             raise ValueError(f"router: tiers or domains name unknown models {unknown}")
         if self.conversations.summary_model not in (None, *names):
             raise ValueError(f"conversations.summary_model: unknown model '{self.conversations.summary_model}'")
+        self.evaluation.check_models(names)
         if AUTO_MODEL in names:
             raise ValueError(f"models: '{AUTO_MODEL}' is the router's name; pick another model name")
         return self

@@ -33,7 +33,9 @@ from deployments.ledger import LedgerBuffer, RequestRecord
 from deployments.privacy import Content
 from serve_app import __version__
 from serve_app import (adapters, admin, api_routes, cache_admin, conversation_routes, cost_admin, dashboard,
-                       experiment_admin, overview_admin, privacy_admin, rag_routes, router_admin, template_admin)
+                       evaluation_admin, experiment_admin, overview_admin, privacy_admin, rag_routes, router_admin,
+                       template_admin)
+from serve_app.judging import Evaluator
 from serve_app.router_config import AUTO_MODEL
 from serve_app.alerts import Alerter
 from serve_app.auth import APIKey, KeyStore
@@ -59,6 +61,7 @@ from serve_app.dispatch import Attempt, Dispatcher
 from serve_app.grounding import Grounding, ground, query_of
 from serve_app.experimenting import ExperimentCache, with_variant
 from serve_app.prompting import TemplateCache, with_template
+from serve_app.briefing import Brief
 from serve_app.conversing import Conversations
 from serve_app.handles import call, next_item
 from serve_app.metrics import GatewayMetrics
@@ -95,7 +98,7 @@ app.add_middleware(RequestContextMiddleware, max_body_bytes=lambda path: app.sta
 install_error_handlers(app)
 app.state.max_body_bytes = app.state.max_upload_bytes = 1_048_576
 for routes in (admin, cost_admin, cache_admin, privacy_admin, api_routes, overview_admin, dashboard, rag_routes,
-               router_admin, template_admin, experiment_admin, adapters, conversation_routes):
+               router_admin, template_admin, experiment_admin, adapters, conversation_routes, evaluation_admin):
     app.include_router(routes.router)
 
 
@@ -159,6 +162,7 @@ class Gateway:
         self.templates = TemplateCache(ledger)
         self.conversations = Conversations(self)
         self.experiments = ExperimentCache(ledger)
+        self.evaluator = Evaluator(self)  # the judge: sampled and sync-route scoring (serve_app.judging)
         self.ledger_buffer = LedgerBuffer(
             self._send_to_ledger,
             flush_interval_s=config.gateway.ledger_flush_interval_s,
@@ -175,6 +179,7 @@ class Gateway:
     ) -> Response:
         """OpenAI chat completions, streaming (SSE) or not."""
         started = time.perf_counter()
+        body, brief = Brief.of(body, request.headers, self.config.brief)  # the cap, an expand turn
         requested = body.model
         assignment = await self.experiments.assignment(body.model, key.user)
         template_version = None
@@ -186,6 +191,7 @@ class Gateway:
             id=request.state.request_id, tenant=key.tenant, user=key.user, key_id=key.key_id,
             requested_model=requested, stream=body.stream, tags=",".join(tags) or None,
             experiment=assignment[0].id if assignment else None, variant=assignment[1].name if assignment else None,
+            mode=brief.mode,
             content=Content(messages=[{"role": m.role, "content": m.text()} for m in body.messages]),
         )
         attempts: list[Attempt] = []
@@ -217,11 +223,12 @@ class Gateway:
             if (rag := body.rag or self.config.retriever.tenant_defaults.get(key.tenant)) and self.retriever:
                 body, grounding = await ground(self.retriever, key.tenant, body, rag)
                 record.rag_ms, record.rag_chunks = grounding.ms, grounding.chunk_ids
+            body = await brief.attach(self, key, body)  # a brief request's conversation and instruction
             body = await self.conversations.expand(key, body, model, decision, record.id)  # history + summary
         except RaygateError as exc:
             self._record(record, started, None, None, exc, attempts)  # releases the reservation
             raise
-        extension = grounding.extension() if grounding else None
+        extension = brief.extension(grounding.extension() if grounding else None)
         if decision.model is not None and decision.model != model.name:
             record.downgraded_from, model = model.name, self._model(decision.model)
             if not vision_capable(body, model):
@@ -231,7 +238,7 @@ class Gateway:
         body = capped_request(body, decision)
         plan = self.cache.plan(body, key.tenant, model.name, request.headers.get("cache-control"), record.template)
         if (hit := await self.cache.lookup(plan)) is not None:
-            return self._serve_hit(hit, body, record, model, started, limits, extension)
+            return brief.tag(self._serve_hit(hit, body, record, model, started, limits, extension))
         record.cache_status = plan.status
         try:
             answer = await self.dispatcher.first_answer(body, model, attempts, client_language(request))
@@ -249,13 +256,14 @@ class Gateway:
         category = record.category or request.headers.get(CATEGORY_HEADER)
         if answer.stream is None:
             self._correct_tokens(key, answer.first.usage, estimated_tokens, limits)
-            choice = answer.first.choices[0]
-            record.content.answer = choice.message.content  # type: ignore[union-attr]
+            record.content.answer = answer.first.choices[0].message.content  # type: ignore[union-attr]
+            served = await self.evaluator.review(key, body, record, answer, headers)  # judged; maybe retried once
             self._record(record, started, answer.model, answer.first.usage, None, attempts)
+            answer, choice = served, served.first.choices[0]
             self._cache_store(plan, choice.message.content, choice.finish_reason, answer.model, answer.first.usage,
                               record, category)
             payload = answer.first.model_copy(update={"raygate": extension}).model_dump(mode="json")
-            return Response(orjson.dumps(payload), media_type="application/json", headers=headers)
+            return brief.tag(Response(orjson.dumps(payload), media_type="application/json", headers=headers))
         collected = StreamCollector()
 
         def on_end(usage: UsageInfo | None, error: RaygateError | None) -> None:
@@ -263,13 +271,14 @@ class Gateway:
             self._correct_tokens(key, usage, estimated_tokens, limits)
             self._record(record, started, answer.model, usage, error, attempts)
             if error is None and usage is not None:
+                self.evaluator.sample(key, body, record, collected.text(), answer.model.name)
                 self._cache_store(plan, collected.text(), collected.finish_reason, answer.model, usage, record,
                                   category)
 
         collected.add(answer.first)
         events = sse_events(answer.first, lambda: collected.wrap(self._rest(answer.stream, answer.model)),
                             include_usage=body.include_usage(), on_end=on_end, extension=extension)
-        return StreamingResponse(events, media_type="text/event-stream", headers=headers)
+        return brief.tag(StreamingResponse(events, media_type="text/event-stream", headers=headers))
 
     def _serve_hit(self, hit: CacheHit, body: ChatCompletionRequest, record: RequestRecord, model: ModelConfig,
                    started: float, limits: GuardDecision, extension: dict[str, Any] | None) -> Response:

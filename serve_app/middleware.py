@@ -29,7 +29,7 @@ MAX_REQUEST_ID_CHARS = 128
 SECURITY_HEADERS = [(b"x-content-type-options", b"nosniff"), (b"x-frame-options", b"DENY"),
                     (b"referrer-policy", b"no-referrer")]
 CORS_METHODS = ["GET", "POST", "PUT", "DELETE", "OPTIONS"]
-CORS_HEADERS = ["authorization", "content-type", "x-raygate-tag", "x-request-id", "cache-control"]
+CORS_HEADERS = ["authorization", "content-type", "x-raygate-tag", "x-request-id", "cache-control", "x-raygate-brief"]
 
 
 def error_response(error: RaygateError) -> Response:

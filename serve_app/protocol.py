@@ -16,7 +16,9 @@ import uuid
 from typing import Annotated, Any, Literal
 from urllib.parse import urlsplit
 
-from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationInfo, field_validator, model_validator
+from pydantic import (BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, ValidationInfo, field_validator,
+                      model_validator)
+from pydantic_core import InitErrorDetails, PydanticCustomError
 
 from deployments.retriever_protocol import RagOptions
 
@@ -192,7 +194,7 @@ class StreamOptions(OpenAIBaseModel):
 class ChatCompletionRequest(OpenAIBaseModel):
     """``POST /v1/chat/completions``."""
 
-    messages: list[ChatMessage] = Field(min_length=1)
+    messages: list[ChatMessage] = Field(default_factory=list, description="At least one, unless expand is true.")
     model: str = Field(min_length=1)
     frequency_penalty: float | None = Field(default=None, ge=-2.0, le=2.0)
     max_completion_tokens: int | None = Field(default=None, ge=1, le=MAX_OUTPUT_TOKENS)
@@ -214,6 +216,25 @@ class ChatCompletionRequest(OpenAIBaseModel):
     conversation_id: str | None = Field(default=None, min_length=1, max_length=128,
                                         description="raygate extension: a stored conversation this request continues "
                                                     "(send only the new turn; the history is prepended).")
+    brief: bool = Field(default=False, description="raygate extension: a short answer, kept in a conversation "
+                                                   "that expand continues (also x-raygate-brief: 1).")
+    expand: bool = Field(default=False, description="raygate extension: expand the previous (brief) answer of "
+                                                    "conversation_id; messages may then be empty.")
+
+    @model_validator(mode="after")
+    def _messages_unless_expanding(self) -> "ChatCompletionRequest":
+        # Errors name their field (param), as a field constraint's would.
+        problem = (("messages", "too_short", "List should have at least 1 item (none is allowed only with expand)")
+                   if not self.messages and not self.expand else
+                   ("conversation_id", "missing", "expand needs the conversation_id of the answer to expand")
+                   if self.expand and self.conversation_id is None else
+                   ("expand", "brief_and_expand", "brief and expand cannot both be true") if self.expand and self.brief
+                   else None)
+        if problem is not None:
+            field, kind, message = problem
+            raise ValidationError.from_exception_data(type(self).__name__, [InitErrorDetails(
+                type=PydanticCustomError(kind, message), loc=(field,), input=getattr(self, field))])
+        return self
 
     @field_validator("stop")
     @classmethod

@@ -14,9 +14,9 @@ from tests.fake_anthropic import _pieces
 class _Answer:
     """Precomputed bytes of one (model, word count) answer."""
 
-    def __init__(self, model: str, n_words: int, finish_reason: str) -> None:
+    def __init__(self, model: str, n_words: int, finish_reason: str, pieces: list[str] | None = None) -> None:
         self.n_words = n_words
-        pieces = _pieces(n_words)
+        pieces = _pieces(n_words) if pieces is None else pieces
         self.text = "".join(pieces)
         m = orjson.dumps(model)
         head = b'{"id":"chatcmpl-fake","object":"chat.completion.chunk","created":0,"model":' + m

@@ -12,8 +12,13 @@ assert what an engine reports and benchmarks measure raygate, not a model:
   contents, plus ``IMAGE_TOKENS`` (85) per image part; ``completion_tokens`` the number
   of words emitted (one per content chunk).
   Anthropic's ``input_tokens`` counts the words of ``system`` too;
+* a model named ``fake-judge-N`` answers ``{"score": N, "reason": ...}``; ``fake-judge`` takes
+  N from a ``[score=N]`` mark in the prompt (4 without one; ``[score=none]``: no score);
 * ``/v1/messages`` behaves as ``tests/fake_anthropic.py`` says (stop sequences, strict
-  roles, Anthropic's rules on sampling parameters).
+  roles, Anthropic's rules on sampling parameters);
+* with ``lengths="budget"`` (``bench.brief``) a chat answer's length follows the request
+  instead: ``budget_words`` (a share of ``max_tokens`` set by the first user turn, smaller when a
+  system message asks for brevity). Synthetic, but deterministic.
 
 Faults are queued at run time, from Python (``fail``, ``hang``, ``drop_stream``,
 ``omit_usage``, ``stream_error``) or with ``POST /_control``; each request takes the
@@ -46,12 +51,14 @@ import asyncio
 import contextlib
 import dataclasses
 import random
+import re
 import logging
+import zlib
 import threading
 from collections import deque
 from collections.abc import Iterator
 from dataclasses import asdict
-from typing import Any
+from typing import Any, Literal
 
 import orjson
 from aiohttp import web
@@ -74,6 +81,42 @@ from tests.fake_openai import _Answer, _usage
 logger = logging.getLogger(__name__)
 
 DEFAULT_WORDS = 16
+JUDGE_PREFIX = "fake-judge"
+_SCORE_MARK = re.compile(r"\[score=(\w+)\]")
+
+
+def judge_answer(model: str, body: dict[str, Any], n_words: int) -> _Answer:
+    """A judge's verdict: ``fake-judge-N`` always scores N; ``fake-judge`` scores the first ``[score=N]`` in the
+    prompt (4 when there is none); a mark or suffix that is not a digit (``[score=none]``) gets a reply with no
+    score. Strict JSON, as the judge is asked."""
+    suffix = model.removeprefix(JUDGE_PREFIX).lstrip("-")
+    prompt = " ".join(str(m.get("content")) for m in body["messages"] if isinstance(m, dict))
+    mark = suffix or ((found := _SCORE_MARK.search(prompt)) and found.group(1)) or "4"
+    text = (orjson.dumps({"score": int(mark), "reason": f"fake judge scored {mark}"}).decode() if mark.isdigit()
+            else "I cannot grade this answer.")
+    return _Answer(model, n_words, "stop", [text])
+
+
+BREVITY = re.compile(r"\b(brief|briefly|short|concise|sentences?)\b", re.IGNORECASE)
+
+
+def _text(message: Any) -> str:
+    content = message.get("content") if isinstance(message, dict) else None
+    return content if isinstance(content, str) else str(content or "")
+
+
+def budget_words(body: dict[str, Any], default: int) -> int:
+    """``lengths="budget"``: 50-100 % of the output budget (``default`` when the request sets none), chosen by a
+    hash of the first user turn (the question, so an expansion is as long as the full answer would be), halved
+    when a system message asks for brevity; never above the budget."""
+    limit = body.get("max_completion_tokens") or body.get("max_tokens")
+    budget = limit if isinstance(limit, int) and limit > 0 else default
+    messages = [m for m in body["messages"] if isinstance(m, dict)]
+    question = next((_text(m) for m in messages if m.get("role") == "user"), "")
+    share = 0.5 + zlib.crc32(question.encode("utf-8", "replace")) % 51 / 100
+    if any(m.get("role") in ("system", "developer") and BREVITY.search(_text(m)) for m in messages):
+        share /= 2
+    return max(1, min(budget, round(budget * share)))
 
 
 class FakeUpstream:
@@ -81,12 +124,16 @@ class FakeUpstream:
 
     Args:
         latency_ms: delay before the response headers of every ``/v1`` request.
-        words: words in each answer (before ``max_tokens`` caps it).
+        words: words in each answer (before ``max_tokens`` caps it); with ``lengths="budget"``, the budget
+            of a request without ``max_tokens``.
+        lengths: ``"fixed"`` (``words``, capped by ``max_tokens``) or ``"budget"`` (``budget_words``).
     """
 
-    def __init__(self, *, latency_ms: float = 0.0, words: int = DEFAULT_WORDS) -> None:
+    def __init__(self, *, latency_ms: float = 0.0, words: int = DEFAULT_WORDS,
+                 lengths: Literal["fixed", "budget"] = "fixed") -> None:
         self.latency_ms = latency_ms
         self.words = words
+        self.lengths = lengths
         self.base_url = ""
         self.faults: deque[Fault] = deque()
         self._chaos: tuple[float, random.Random, list[Fault]] = (0.0, random.Random(0), [])
@@ -94,7 +141,7 @@ class FakeUpstream:
         self.last_path: str | None = None
         self.last_body: dict[str, Any] | None = None
         self._last_headers: Any = None
-        self._answers: dict[tuple[str, int], _Answer] = {}
+        self._answers: dict[tuple[str, int, bool], _Answer] = {}
         self._messages_answers: dict[tuple[str, int], _MessagesAnswer] = {}
         self._runner: web.AppRunner | None = None
         self._stopping: asyncio.Event | None = None
@@ -225,11 +272,12 @@ class FakeUpstream:
 
     # -- handlers ----------------------------------------------------------------
 
-    def _answer(self, model: str, n_words: int) -> _Answer:
-        answer = self._answers.get((model, n_words))
+    def _answer(self, model: str, n_words: int, cut: bool | None = None) -> _Answer:
+        cut = n_words < self.words if cut is None else cut
+        answer = self._answers.get((model, n_words, cut))
         if answer is None:
-            answer = _Answer(model, n_words, "length" if n_words < self.words else "stop")
-            self._answers[(model, n_words)] = answer
+            answer = _Answer(model, n_words, "length" if cut else "stop")
+            self._answers[(model, n_words, cut)] = answer
         return answer
 
     async def _before_headers(self, request: web.Request, body: Any) -> Fault | None:
@@ -271,7 +319,13 @@ class FakeUpstream:
             return self._status_response(fault)
         limit = body.get("max_completion_tokens") or body.get("max_tokens")
         n_words = min(self.words, limit) if isinstance(limit, int) and limit > 0 else self.words
-        answer = self._answer(str(body.get("model", "")), n_words)
+        model = str(body.get("model", ""))
+        if self.lengths == "budget" and not model.startswith(JUDGE_PREFIX):
+            n_words = budget_words(body, self.words)
+            answer = self._answer(model, n_words, n_words == limit)
+        else:
+            answer = (judge_answer(model, body, n_words) if model.startswith(JUDGE_PREFIX)
+                      else self._answer(model, n_words))
         with_usage = fault is None or fault.kind != "no_usage"
         usage = _usage(count_prompt_words(body), n_words) if with_usage else b""
         if not body.get("stream"):

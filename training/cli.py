@@ -75,6 +75,7 @@ def _add_dataset(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-
     build.add_argument("--no-ledger", action="store_true", help="read only the --jsonl files")
     build.add_argument("--min-rating", type=int, default=None)
     build.add_argument("--thumbs-up-only", action="store_true")
+    build.add_argument("--min-judge-score", type=int, default=None, help="keep answers a judge scored at least this")
     build.add_argument("--min-turns", type=int, default=1, help="user messages per conversation")
     build.add_argument("--languages", default=None, help="comma-separated, e.g. en,fr")
     build.add_argument("--tenant", default=None)
@@ -100,7 +101,8 @@ def _run_dataset(args: argparse.Namespace) -> int:
     data_dir = args.data_dir or _default_data_dir()
     try:
         config = DatasetConfig(
-            min_rating=args.min_rating, thumbs_up_only=args.thumbs_up_only, min_turns=args.min_turns,
+            min_rating=args.min_rating, thumbs_up_only=args.thumbs_up_only, min_judge_score=args.min_judge_score,
+            min_turns=args.min_turns,
             languages=args.languages.split(",") if args.languages else None, consent_only=not args.no_consent_only,
             since=args.since, until=args.until, tenant=args.tenant, validation_fraction=args.val_fraction,
             seed=args.seed, near_duplicate_threshold=args.near_duplicate_threshold)

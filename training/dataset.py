@@ -2,7 +2,7 @@
 
 The ledger keeps message content only for users who consented (``deployments/privacy.py``).
 ``build_dataset`` reads those rows read-only (the gateway may keep writing), joins each with
-its request's status and the user's feedback, keeps what ``DatasetConfig`` asks for, replaces
+its request's status, the user's feedback and the latest judge score (``deployments.evaluations``), keeps what ``DatasetConfig`` asks for, replaces
 emails, phone numbers and detectable names with placeholders, drops exact and near duplicates,
 and splits train/validation by a hash of each example: an example lands in the same split
 whatever order it was read in, so the ``dataset_hash`` in ``stats.json`` (which the adapter
@@ -27,6 +27,7 @@ from typing import Any
 
 from pydantic import BaseModel, Field, PositiveInt, computed_field, field_validator, model_validator
 
+from deployments.evaluations import LATEST_SCORE_SQL
 from serve_app.config_base import BaseConfig
 from training.scrub import STOP_WORDS, detect_language, scrub_pii
 
@@ -39,13 +40,15 @@ Messages = list[dict[str, str]]
 ROLES = ("system", "user", "assistant")
 # Order matters: a conversation is counted under the first step that removes it.
 REMOVAL_STEPS = ("unsupported", "no_answer", "consent_only", "status", "tenant", "since", "until", "min_rating",
-                 "thumbs_up_only", "min_turns", "languages")
+                 "thumbs_up_only", "min_judge_score", "min_turns", "languages")
 class DatasetConfig(BaseConfig):
     """What goes into a dataset. Feedback, consent, status, tenant and time filters apply to ledger
     rows only (external JSONL carries none of that); turns and languages apply to every example."""
 
     min_rating: int | None = Field(None, ge=1, le=5, description="Keep answers rated at least this (1-5).")
     thumbs_up_only: bool = Field(False, description="Keep only answers given a thumbs up.")
+    min_judge_score: int | None = Field(
+        None, ge=1, le=5, description="Keep answers a judge model scored at least this (1-5; unjudged ones go).")
     min_turns: PositiveInt = Field(1, description="Keep conversations with at least this many user messages.")
     languages: list[str] | None = Field(
         None, min_length=1, description="Keep these detected languages (en, fr, es, de, it, pt).")
@@ -179,7 +182,7 @@ def _chat(raw: Any) -> Messages | None:
 
 
 _LEDGER_SQL = """
-SELECT m.tenant, m.messages, m.answer, m.created_at, r.status, f.rating, f.thumbs, c.consent FROM messages m
+SELECT m.tenant, m.messages, m.answer, m.created_at, r.status, f.rating, f.thumbs, c.consent, {judge} FROM messages m
 LEFT JOIN requests r ON r.id = m.request_id LEFT JOIN feedback f ON f.request_id = m.request_id
 LEFT JOIN consent c ON c.tenant = m.tenant AND c.user = m.user ORDER BY m.created_at, m.request_id
 """
@@ -201,11 +204,13 @@ def read_ledger(path: Path, config: DatasetConfig) -> SourceRead:
         tables = {name for (name,) in db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
         if not {"messages", "requests", "feedback", "consent"} <= tables:
             raise ValueError(f"{path} holds no stored conversations (tables: {sorted(tables)})")
-        rows = db.execute(_LEDGER_SQL).fetchall()
+        # A ledger older than evaluations has no judge scores.
+        judge = LATEST_SCORE_SQL.format(id="m.request_id") if "evaluations" in tables else "NULL"
+        rows = db.execute(_LEDGER_SQL.format(judge=judge)).fetchall()
     finally:
         db.close()
     result = SourceRead("ledger", read=len(rows))
-    for tenant, stored, answer, created_at, status, rating, thumbs, consent in rows:
+    for tenant, stored, answer, created_at, status, rating, thumbs, consent, judge_score in rows:
         try:
             messages = _chat(json.loads(stored))
         except json.JSONDecodeError:
@@ -220,6 +225,8 @@ def read_ledger(path: Path, config: DatasetConfig) -> SourceRead:
             ("until", config.until is not None and created_at >= config.until),
             ("min_rating", config.min_rating is not None and (rating is None or rating < config.min_rating)),
             ("thumbs_up_only", config.thumbs_up_only and thumbs != "up"),
+            ("min_judge_score", config.min_judge_score is not None
+             and (judge_score is None or judge_score < config.min_judge_score)),
         )
         reason = next((name for name, failed in checks if failed), None)
         if reason is not None:

@@ -6,7 +6,8 @@ remote engine against a fake OpenAI-compatible upstream started here), ``broken`
 on a second, fault-injecting fake (``flaky`` with fallback, ``flaky-solo`` without,
 ``circuit`` with a quick circuit breaker), and the vision-capable ``vision-echo``,
 ``vision-claude`` and ``vision-flaky`` (falling back past the text-only ``echo``), and ``echo-small``
-(``echo`` with a 300-token window, for conversation history; ``echo`` summarises).
+(``echo`` with a 300-token window, for conversation history; ``echo`` summarises), and ``judge`` and
+``weak-answer`` (self-evaluation: sampled for the ``judged`` tenant only, sync on weak-answer, retried on echo).
 """
 
 from __future__ import annotations
@@ -158,6 +159,18 @@ def vision_models(upstream_url: str, flaky_url: str) -> list[dict[str, Any]]:
     ]
 
 
+JUDGED_TENANT = "judged"
+
+
+def evaluation_models(upstream_url: str) -> list[dict[str, Any]]:
+    """test_evaluation_gateway: the judge (the fake scores ``[score=N]`` marks in the question, see
+    tests/fake_upstream.py) and a weak model whose poorly scored answers retry once on echo."""
+    def echo(name: str, upstream_model: str) -> dict[str, Any]:
+        return {"name": name, "engine": "remote", "required": False, "input_price_per_1m_usd": 1.0,
+                "output_price_per_1m_usd": 2.0, "engine_params": {"base_url": upstream_url, "model": upstream_model}}
+    return [echo("judge", "fake-judge"), echo("weak-answer", "fake-weak")]
+
+
 def app_args(data_dir: Path, redis_url: str, upstream_url: str, flaky_url: str) -> dict[str, Any]:
     """The graph's args for the integration tests."""
     return {
@@ -180,7 +193,12 @@ def app_args(data_dir: Path, redis_url: str, upstream_url: str, flaky_url: str) 
             {"name": "echo-small", "engine": "remote", "context_window_tokens": CONVERSATION_WINDOW, "required": False,
              "engine_params": {"base_url": upstream_url, "model": "fake-echo", "api_key_env": "RAYGATE_TEST_UPSTREAM_KEY"}},
             *vision_models(upstream_url, flaky_url),
+            *evaluation_models(upstream_url),
         ],
+        # test_evaluation_gateway: off for everyone but JUDGED_TENANT; sync judging on weak-answer only.
+        "evaluation": {"judge_model": "judge", "sample_rate": 0.0, "tenant_sample_rates": {JUDGED_TENANT: 1.0},
+                       "sync_routes": ["weak-answer"], "stronger_model": {"weak-answer": "echo"},
+                       "retry_below": 3},
         "stores": {"redis_url": redis_url, "data_dir": str(data_dir)},
         # The suite sends many requests with one key: no rate limits here (test_cost_guard_gateway tests them).
         "router": {"tiers": {"simple_explanation": "echo", "standard_exercise": "echo",
