@@ -45,6 +45,7 @@ ROOT = Path(__file__).resolve().parents[2]
 CLUSTER_YAML = ROOT / "cluster" / "ray-cluster.yaml"
 RAYSERVICE_YAML = ROOT / "cluster" / "kuberay" / "rayservice.yaml"
 GPU_SERVE_CONFIG = ROOT / "serve_config.gpu.yaml"
+LOCAL_SERVE_CONFIG = ROOT / "serve_config.yaml"
 CRD_SCHEMA = Path(__file__).parent / "data" / "rayservice-crd-v1.7.0.trimmed.yaml"
 
 # Deployments that keep state on local disk: one replica, on the node offering STATE_RESOURCE.
@@ -438,6 +439,23 @@ def test_gpu_serve_config_sizing() -> None:
     models = _args(doc)["models"]
     assert len([m for m in models if m["engine"] == "vllm"]) >= 2
     assert any(m["engine_params"].get("enable_lora") for m in models)
+
+
+def test_local_serve_config_autoscales_what_holds_no_state() -> None:
+    """serve_config.yaml (one node): every deployment of its graph has an entry; the Ledger, SemanticCache
+    and Retriever keep one replica (local files); every other one autoscales."""
+    doc = load_yaml(LOCAL_SERVE_CONFIG)
+    [app] = doc["applications"]
+    names = graph_deployment_names(app["args"])
+    validate_serve_config(doc)
+    entries = {d["name"]: d for d in app["deployments"]}
+    assert set(entries) == set(names)
+    for name, entry in entries.items():
+        if name in {LEDGER, *QDRANT_LOCAL_DEPLOYMENTS}:
+            assert entry["num_replicas"] == 1 and "autoscaling_config" not in entry, name
+        else:
+            assert entry["autoscaling_config"]["max_replicas"] > entry["autoscaling_config"]["min_replicas"], name
+    assert doc["http_options"]["host"] == "127.0.0.1"
 
 
 def test_gpu_nodes_fit_the_gpu_serve_config() -> None:

@@ -35,7 +35,8 @@ def test_serve_config_builds_a_graph(tmp_path: Path) -> None:
     built = call_user_app_builder_with_args_if_necessary(build_app, args)
     assert isinstance(built, Application)
     deployment_names = {d["name"] for d in app["deployments"]}
-    expected = {"Gateway", "Embedder", "Ledger"} | {model_deployment_name(m["name"]) for m in app["args"]["models"]}
+    expected = {"Gateway", "Embedder", "Ledger", "SemanticCache", "Retriever"} | {
+        model_deployment_name(m["name"]) for m in app["args"]["models"]}
     assert deployment_names == expected
 
 
