@@ -18,7 +18,7 @@ from ray.serve.handle import DeploymentHandle
 from serve_app.circuit import CircuitBreakers, Permission
 from serve_app.config import GatewayConfig, ModelConfig, base_model_name
 from serve_app.errors import InvalidRequestError, RaygateError, UpstreamTimeoutError, UpstreamUnavailableError
-from serve_app.handles import call, next_item
+from serve_app.handles import REPLICA_UNAVAILABLE, call, next_item
 from serve_app.protocol import ChatCompletionRequest
 from serve_app.retry import next_delay_s, retry_after_s
 from serve_app.tasks import BackgroundTasks
@@ -135,7 +135,8 @@ class Dispatcher:
                 progress.attempts.append(Attempt(model.name, exc.status_code, exc.code, elapsed_s * 1000))
                 if isinstance(exc, InvalidRequestError):
                     raise
-                await self._record(model, ok=False)
+                if exc.code != REPLICA_UNAVAILABLE:  # a dead replica says nothing of the model's health
+                    await self._record(model, ok=False)
                 progress.last_error = exc
                 progress.retry_after_s = retry_after_s(exc) or progress.retry_after_s
                 delay_s = next_delay_s(exc, retry_number, model.retry)

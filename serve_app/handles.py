@@ -16,9 +16,10 @@ from serve_app.errors import RaygateError, ServiceUnavailableError, UpstreamTime
 logger = logging.getLogger(__name__)
 T = TypeVar("T")
 
+REPLICA_UNAVAILABLE = "replica_unavailable"
+_REPLICA_GONE = (ray_exceptions.ActorDiedError, ray_exceptions.ActorUnavailableError)
 _RAY_FAILURES = (
     ray_exceptions.RayActorError,
-    ray_exceptions.ActorUnavailableError,
     ray_exceptions.RayTaskError,
     serve_exceptions.BackPressureError,
     serve_exceptions.DeploymentUnavailableError,
@@ -43,6 +44,12 @@ async def map_handle_errors(component: str, unavailable: type[RaygateError] = Se
         raise cause if isinstance(cause, RaygateError) else exc from None
     except TimeoutError as exc:
         raise UpstreamTimeoutError(f"{component} did not answer in time.") from exc
+    except _REPLICA_GONE as exc:
+        # The replica died or restarts: Serve routes the retry to another one. Not the model's fault,
+        # so circuit breakers leave it out (serve_app.dispatch).
+        logger.warning("%s call failed: %s", component, type(exc).__name__)
+        raise unavailable(f"{component} is unavailable right now; try again shortly.",
+                          code=REPLICA_UNAVAILABLE) from exc
     except _RAY_FAILURES as exc:
         logger.warning("%s call failed: %s", component, type(exc).__name__)
         raise unavailable(f"{component} is unavailable right now; try again shortly.") from exc
