@@ -54,7 +54,9 @@ def test_rate_zero_calls_no_judge(deployed: Deployed) -> None:
     response = chat(deployed, deployed.api_key, "echo", question("2"))  # tenant acme: sample_rate 0
     request_id = response.headers["x-request-id"]
     ledger_row(deployed, request_id)
-    time.sleep(1.0)  # a sampled judgement would have landed by now
+    # A later answer of a judged tenant, once scored, shows the background judging has run past this one.
+    key = create_key(deployed.redis_url, JUDGED_TENANT, "jo", "premium")
+    wait_for(deployed, chat(deployed, key, "echo", question("3")).headers["x-request-id"])
     assert evaluations(deployed, request_id) == []
     assert ledger_ids(deployed, request_id) == {request_id}
     assert "x-raygate-judge-score" not in response.headers
@@ -99,10 +101,10 @@ def test_a_low_sync_score_retries_once_on_the_stronger_model(deployed: Deployed)
     assert by_id[request_id]["score"] == 2 and by_id[request_id]["mode"] == "sync"
     assert by_id[request_id]["answer_model"] == "weak-answer"
     assert by_id[f"{request_id}-retry"]["answer_model"] == "echo"
-    time.sleep(0.5)
-    # Exactly one retry: the retry's poor score does not retry again.
-    assert ledger_ids(deployed, request_id) == {request_id, f"{request_id}-judge", f"{request_id}-retry",
-                                                f"{request_id}-retry-judge"}
+    # Exactly one retry: the retry's poor score does not retry again (its judge row lands last).
+    expected = {request_id, f"{request_id}-judge", f"{request_id}-retry", f"{request_id}-retry-judge"}
+    ledger_row(deployed, f"{request_id}-retry-judge")
+    assert ledger_ids(deployed, request_id) == expected
 
 
 def test_a_good_sync_score_sends_the_first_answer(deployed: Deployed) -> None:
