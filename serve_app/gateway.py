@@ -31,10 +31,9 @@ from deployments.injection import InjectionDetector, Verdict, user_text
 from deployments.router import RoutePlan, Router
 from deployments.ledger import LedgerBuffer, RequestRecord
 from deployments.privacy import Content
-from serve_app import __version__
-from serve_app import (adapters, admin, api_routes, cache_admin, conversation_routes, cost_admin, dashboard,
-                       evaluation_admin, experiment_admin, overview_admin, privacy_admin, rag_routes, router_admin,
-                       template_admin)
+from serve_app import (__version__, adapters, admin, api_routes, cache_admin, conversation_routes, cost_admin,
+                       dashboard, evaluation_admin, experiment_admin, overview_admin, privacy_admin, rag_routes,
+                       router_admin, template_admin)
 from serve_app.judging import Evaluator
 from serve_app.router_config import AUTO_MODEL
 from serve_app.alerts import Alerter
