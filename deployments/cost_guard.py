@@ -50,6 +50,7 @@ from deployments.cost_guard_protocol import (
     ThresholdCrossing, UsageReport, budget_status_from_counters, utc,
 )
 from serve_app.auth import Plan
+from serve_app.config_base import base_model_name
 from serve_app.cost_config import BudgetConfig, BudgetPeriod, CostGuardConfig, PlanConfig, PlansConfig
 from serve_app.stores import map_redis_errors, redis_client
 
@@ -73,6 +74,7 @@ def _nano_prices(prices: dict[str, tuple[float, float]]) -> tuple[dict[str, tupl
     """Prices per token in nano-USD (USD per 1M tokens * 1e9 / 1e6), and the highest of each (unknown models)."""
     nano = {m: (p_in * 1000, p_out * 1000) for m, (p_in, p_out) in prices.items()}
     return nano, (max((p[0] for p in nano.values()), default=0.0), max((p[1] for p in nano.values()), default=0.0))
+
 
 class CostGuard:
     """Reserves, settles and reports quota and budget usage; embedded or as a Serve deployment.
@@ -382,8 +384,7 @@ class CostGuard:
         self._prices, self._max_price = _nano_prices(prices)
 
     def _nano_usd(self, model: str, prompt_tokens: int, completion_tokens: int) -> int:
-        # An adapter ("<base>:<name>") costs what its base model costs.
-        p_in, p_out = self._prices.get(model) or self._prices.get(model.rsplit(":", 1)[0], self._max_price)
+        p_in, p_out = self._prices.get(model) or self._prices.get(base_model_name(model), self._max_price)  # adapters
         return round(prompt_tokens * p_in + completion_tokens * p_out)
 
     def _window(self, period: BudgetPeriod, now: float) -> Window:

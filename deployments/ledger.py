@@ -248,13 +248,8 @@ class Ledger:
             return await asyncio.to_thread(self._erase, tenant, user, actor, elsewhere or {})
 
     async def store(self, operation: str, *args: object) -> object:
-        """Prompt templates and experiments, each operation in one transaction: ``templates.get``,
-        ``templates.versions``, ``templates.names``, ``templates.add_version``, ``templates.activate``,
-        ``templates.rollback``, ``templates.diff``, ``experiments.create``, ``experiments.get``,
-        ``experiments.listing``, ``experiments.transition``, ``experiments.evaluate``, ``overview.summary``,
-        ``overview.series``; conversations (``conversations.create``, ``.get``, ``.append``, ``.save_summary``,
-        ``.delete``), users' memory (``memory.get``, ``.put``, ``.patch``) and judge scores
-        (``evaluations.add``, ``.listing``)."""
+        """Run one ``_OPERATIONS`` entry (``"<module>.<function>"``: templates, experiments, overview,
+        conversations, memory, evaluations) over the database, in one transaction."""
         work = _OPERATIONS[operation]
 
         def run() -> object:

@@ -15,7 +15,7 @@ from pydantic import Field, NonNegativeFloat, PositiveFloat, PositiveInt, field_
 from serve_app.alerts_config import AlertsConfig
 from serve_app.brief_config import BriefConfig
 from serve_app.cache_config import CacheConfig
-from serve_app.config_base import BaseConfig
+from serve_app.config_base import BaseConfig, base_model_name
 from serve_app.conversations_config import ConversationsConfig, MemoryConfig
 from serve_app.cost_config import CostGuardConfig
 from serve_app.evaluation_config import EvaluationConfig
@@ -27,11 +27,6 @@ from serve_app.router_config import AUTO_MODEL, RouterConfig
 __all__ = ["BaseConfig", "GatewayConfig", "ModelConfig"]
 
 EngineName = Literal["hf", "vllm", "remote"]
-
-
-def base_model_name(model_id: str) -> str:
-    """The configured model behind ``<base>:<adapter>`` (a LoRA adapter it serves); a plain name is itself."""
-    return model_id.rsplit(":", 1)[0]
 TINY_MODEL_NAME = "tiny"
 
 

@@ -33,3 +33,8 @@ class PlanTable(BaseConfig):
         if plan not in type(self).model_fields:
             raise KeyError(plan)
         return getattr(self, plan)
+
+
+def base_model_name(model_id: str) -> str:
+    """The configured model behind ``<base>:<adapter>`` (a LoRA adapter it serves); a plain name is itself."""
+    return model_id.rsplit(":", 1)[0]

@@ -12,7 +12,7 @@ from typing import Literal
 
 from pydantic import Field, NonNegativeInt, PositiveFloat, PositiveInt, field_validator, model_validator
 
-from serve_app.config_base import BaseConfig, PlanTable
+from serve_app.config_base import BaseConfig, PlanTable, base_model_name
 
 BudgetScope = Literal["global", "tenant", "user", "model", "tag"]
 BudgetPeriod = Literal["day", "week", "month"]
@@ -45,7 +45,7 @@ class PlanConfig(BaseConfig):
     def allows(self, model: str) -> bool:
         """Return whether the plan may call ``model`` (an adapter, ``<base>:<name>``, when it may call the base)."""
         return self.allowed_models is None or model in self.allowed_models or (
-            model.rsplit(":", 1)[0] in self.allowed_models)
+            base_model_name(model) in self.allowed_models)
 
 
 class PlansConfig(PlanTable):
