@@ -18,7 +18,7 @@ from serve_app.errors import InvalidRequestError, ModelNotFoundError, NotFoundEr
 from serve_app.handles import call
 from serve_app.http_parts import encode_vectors, probe
 from serve_app.metrics import local_metrics
-from serve_app.protocol import (
+from serve_app.api_protocol import (
     EmbeddingData, EmbeddingRequest, EmbeddingResponse, EmbeddingUsage, FeedbackRequest, ModelCard, ModelList,
 )
 from serve_app.router_config import AUTO_MODEL

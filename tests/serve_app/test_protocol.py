@@ -6,7 +6,8 @@ import pytest
 from pydantic import ValidationError
 
 from deployments.cache_protocol import CacheScope
-from serve_app.protocol import IMAGE_PROMPT_TOKENS, ChatCompletionRequest, EmbeddingRequest, ImageContentPart
+from serve_app.api_protocol import EmbeddingRequest
+from serve_app.protocol import IMAGE_PROMPT_TOKENS, ChatCompletionRequest, ImageContentPart
 from serve_app.spend import estimate_prompt_tokens
 
 USER = [{"role": "user", "content": "hi"}]
