@@ -44,6 +44,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from bench.harness import deploy_config_app, replica_actors
+
 APP, PREFIX, MODEL = "raygate-chaos", "/", "echo"
 MODEL_DEPLOYMENT, GATEWAY_DEPLOYMENT = "Model_echo", "Gateway"
 REPLICAS = 2
@@ -103,22 +105,6 @@ def app_config(upstream_url: str, redis_url: str, data_dir: str) -> dict[str, An
     return {"name": APP, "route_prefix": PREFIX, "import_path": "serve_app.graph:build_app", "args": args,
             "deployments": [{"name": GATEWAY_DEPLOYMENT, "num_replicas": REPLICAS},
                             {"name": MODEL_DEPLOYMENT, "num_replicas": REPLICAS}]}
-
-
-def deploy(config: dict[str, Any]) -> None:
-    """What ``serve deploy`` does (the controller's ``apply_config``; the CLI needs the dashboard)."""
-    from ray.serve.context import _get_global_client
-    from ray.serve.schema import ServeDeploySchema
-
-    _get_global_client().deploy_apps(ServeDeploySchema.model_validate({"applications": [config]}))
-
-
-def replica_actors(deployment: str) -> dict[str, str]:
-    """The deployment's live replica actors: name -> namespace (Serve names them SERVE_REPLICA::app#dep#id)."""
-    import ray
-
-    marker = f"::{APP}#{deployment}#"
-    return {a["name"]: a["namespace"] for a in ray.util.list_named_actors(all_namespaces=True) if marker in a["name"]}
 
 
 def running_replicas(deployment: str) -> tuple[int, str]:
@@ -202,7 +188,7 @@ class Chaos:
         """Kill one replica actor of ``deployment``; poll until Serve has it back at REPLICAS replicas."""
         import ray
 
-        actors = replica_actors(deployment)
+        actors = replica_actors(APP, deployment)
         victim = sorted(actors)[0]
         event = Event(f"kill {deployment} replica", victim=victim.split("#")[-1])
         self.events.append(event)
@@ -400,7 +386,7 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
         stack.callback(ray.shutdown)
         serve.start(http_options={"host": "127.0.0.1", "port": http_port}, logging_config={"enable_access_log": False})
         started = time.monotonic()
-        deploy(app_config(upstream_url, redis_url, data_dir))
+        deploy_config_app(app_config(upstream_url, redis_url, data_dir))
         await asyncio.to_thread(wait_running, 240)
         print(f"deployed in {time.monotonic() - started:.1f} s", flush=True)
         store = KeyStore(redis_client(redis_url))

@@ -12,6 +12,7 @@ import threading
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import psutil
 
@@ -120,3 +121,21 @@ def start_upstream(*extra_args: str) -> tuple[subprocess.Popen[str], str]:
     finally:
         killer.cancel()
     raise RuntimeError(f"fake upstream exited (rc {proc.wait()}) without a 'listening on' line")
+
+
+def deploy_config_app(app: dict[str, Any]) -> None:
+    """Deploy one application the way ``serve deploy`` does (the controller's ``apply_config``: ``user_config``
+    and deployment options apply in place, new args replace replicas); the CLI needs the dashboard, this does not."""
+    from ray.serve.context import _get_global_client
+    from ray.serve.schema import ServeDeploySchema
+
+    _get_global_client().deploy_apps(ServeDeploySchema.model_validate({"applications": [app]}))
+
+
+def replica_actors(app: str, deployment: str) -> dict[str, str]:
+    """A deployment's live replica actors, name -> namespace (Serve names them ``SERVE_REPLICA::app#dep#id``;
+    no state API, which needs the dashboard)."""
+    import ray
+
+    marker = f"::{app}#{deployment}#"
+    return {a["name"]: a["namespace"] for a in ray.util.list_named_actors(all_namespaces=True) if marker in a["name"]}

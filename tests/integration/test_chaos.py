@@ -35,6 +35,7 @@ import httpx
 import pytest
 
 from serve_app.stores import start_valkey
+from bench.harness import deploy_config_app, replica_actors
 from tests.integration.conftest import NO_RATE_LIMITS, Deployed, create_key, free_port
 
 pytestmark = pytest.mark.integration
@@ -124,14 +125,6 @@ def wait_until(check: Callable[[], Any], timeout_s: float, what: str) -> Any:
         time.sleep(0.1)
 
 
-def replica_actors(deployment: str) -> dict[str, str]:
-    """The deployment's live replica actors, name -> namespace (no state API: it needs the dashboard)."""
-    import ray
-
-    marker = f"::{APP}#{deployment}#"
-    return {a["name"]: a["namespace"] for a in ray.util.list_named_actors(all_namespaces=True) if marker in a["name"]}
-
-
 def running(deployment: str) -> int:
     """Replicas ``serve.status()`` reports RUNNING while the deployment is HEALTHY (else 0)."""
     from ray import serve
@@ -145,13 +138,9 @@ def running(deployment: str) -> int:
 
 def deploy(args: dict[str, Any]) -> None:
     """What ``serve deploy`` does with a config holding this app."""
-    from ray.serve.context import _get_global_client
-    from ray.serve.schema import ServeDeploySchema
-
-    app = {"name": APP, "route_prefix": PREFIX, "import_path": "serve_app.graph:build_app", "args": args,
-           "deployments": [{"name": "Gateway", "num_replicas": REPLICAS},
-                           {"name": "Model_echo", "num_replicas": REPLICAS}]}
-    _get_global_client().deploy_apps(ServeDeploySchema.model_validate({"applications": [app]}))
+    deploy_config_app({"name": APP, "route_prefix": PREFIX, "import_path": "serve_app.graph:build_app", "args": args,
+                       "deployments": [{"name": "Gateway", "num_replicas": REPLICAS},
+                                       {"name": "Model_echo", "num_replicas": REPLICAS}]})
 
 
 @pytest.fixture(scope="module")
@@ -191,7 +180,7 @@ def kill_one(deployment: str, load: Load) -> tuple[float, str]:
     """Kill one replica actor of ``deployment``; return when and which."""
     import ray
 
-    actors = replica_actors(deployment)
+    actors = replica_actors(APP, deployment)
     assert len(actors) == REPLICAS, actors
     victim = sorted(actors)[0]
     handle = ray.get_actor(victim, namespace=actors[victim])
@@ -219,7 +208,7 @@ def wait_replaced(deployment: str, victim: str) -> float:
     def back() -> bool:
         states = replica_states(deployment)
         return (victim_id not in states and list(states.values()) == ["RUNNING"] * REPLICAS
-                and len(replica_actors(deployment)) == REPLICAS and running(deployment) == REPLICAS)
+                and len(replica_actors(APP, deployment)) == REPLICAS and running(deployment) == REPLICAS)
 
     wait_until(back, 90, f"{deployment} never came back to {REPLICAS} replicas")
     return time.monotonic()

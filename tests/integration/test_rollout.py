@@ -18,6 +18,7 @@ from typing import Any
 import httpx
 import pytest
 
+from bench.harness import deploy_config_app, replica_actors
 from tests.integration.conftest import NO_RATE_LIMITS, Deployed
 
 pytestmark = pytest.mark.integration
@@ -35,13 +36,9 @@ def args(deployed: Deployed, data_dir: Path, *, second_model: bool = False) -> d
 
 def deploy(app_args: dict[str, Any], user_config: dict[str, Any], model_replicas: int = 1) -> None:
     """What ``serve deploy`` does with a config holding this app."""
-    from ray.serve.context import _get_global_client
-    from ray.serve.schema import ServeDeploySchema
-
-    app = {"name": APP, "route_prefix": PREFIX, "import_path": "serve_app.graph:build_app", "args": app_args,
-           "deployments": [{"name": "Gateway", "user_config": user_config},
-                           {"name": "Model_echo", "num_replicas": model_replicas}]}
-    _get_global_client().deploy_apps(ServeDeploySchema.model_validate({"applications": [app]}))
+    deploy_config_app({"name": APP, "route_prefix": PREFIX, "import_path": "serve_app.graph:build_app",
+                       "args": app_args, "deployments": [{"name": "Gateway", "user_config": user_config},
+                                                         {"name": "Model_echo", "num_replicas": model_replicas}]})
 
 
 def gateway_actors() -> set[str]:
@@ -49,10 +46,7 @@ def gateway_actors() -> set[str]:
 
 
 def replicas(deployment: str) -> set[str]:
-    """A deployment's replica actor names (Serve names each replica actor; no dashboard needed)."""
-    import ray
-
-    return {a["name"] for a in ray.util.list_named_actors(all_namespaces=True) if f"{APP}#{deployment}#" in a["name"]}
+    return set(replica_actors(APP, deployment))
 
 
 class Traffic:
