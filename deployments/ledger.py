@@ -19,7 +19,7 @@ from typing import Literal
 from pydantic import BaseModel, Field
 
 from deployments import conversations, experiment_stats, experiments, memory, overview, privacy, reports, templates
-from deployments import evaluations
+from deployments import batches, evaluations, files
 from deployments.privacy import AuditEntry, Content
 from serve_app.config import LedgerConfig
 
@@ -142,6 +142,10 @@ _OPERATIONS = {f"{fn.__module__.rsplit('.', 1)[-1]}.{fn.__name__}": fn for fn in
     conversations.append, conversations.save_summary, conversations.delete, memory.get, memory.put, memory.patch)}
 _OPERATIONS["experiments.evaluate"] = experiment_stats.evaluate
 _OPERATIONS["evaluations.add"], _OPERATIONS["evaluations.listing"] = evaluations.add, evaluations.listing
+_OPERATIONS |= {f"{module.__name__.rsplit('.', 1)[-1]}.{name}": getattr(module, name) for module, names in (
+    (files, ("create", "get", "content", "listing", "delete")),
+    (batches, ("create", "get", "listing", "cancel", "claim", "renew", "pending", "record", "finalize", "release")),
+) for name in names}
 
 
 class Ledger:
@@ -161,7 +165,7 @@ class Ledger:
         self.db.execute("PRAGMA secure_delete=ON")  # erased content is overwritten, not left in free pages
         self.config = config
         self.db.executescript(_SCHEMA + privacy.SCHEMA + templates.SCHEMA + experiments.SCHEMA + conversations.SCHEMA
-                              + memory.SCHEMA + evaluations.SCHEMA)
+                              + memory.SCHEMA + evaluations.SCHEMA + files.SCHEMA + batches.SCHEMA)
         _migrate(self.db)
         with self.db:
             self.db.execute("BEGIN")
@@ -249,7 +253,7 @@ class Ledger:
 
     async def store(self, operation: str, *args: object) -> object:
         """Run one ``_OPERATIONS`` entry (``"<module>.<function>"``: templates, experiments, overview,
-        conversations, memory, evaluations) over the database, in one transaction."""
+        conversations, memory, evaluations, files, batches) over the database, in one transaction."""
         work = _OPERATIONS[operation]
 
         def run() -> object:

@@ -2,8 +2,8 @@
 
 Functions over the Ledger's SQLite connection (the Ledger calls them under its lock).
 Usage rows stay after an erasure, for billing, with the user replaced by a pseudonym;
-everything a user wrote or was answered goes, stored conversations and memory included
-(those two are kept whatever the consent: the client asked for them). ``secure_delete`` overwrites what is
+everything a user wrote or was answered goes, stored conversations, memory and batch files included
+(those are kept whatever the consent: the client asked for them). ``secure_delete`` overwrites what is
 deleted, so no content survives in the file's free pages.
 """
 
@@ -17,7 +17,7 @@ from typing import Any
 
 from pydantic import BaseModel, Field
 
-from deployments import conversations, memory
+from deployments import batches, conversations, files, memory
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS consent (
@@ -107,11 +107,12 @@ def export_user(db: sqlite3.Connection, tenant: str | None, user: str, columns: 
              "cost_usd": sum(r["cost_usd"] for r in requests)}
     return {"object": "user.export", "user": user, "tenant": tenant, "consent": consent, "usage": usage,
             "requests": requests, "messages": messages, "feedback": feedback,
-            "conversations": conversations.export_user(db, tenant, user), "memory": memory.export_user(db, tenant, user)}
+            "conversations": conversations.export_user(db, tenant, user), "memory": memory.export_user(db, tenant, user),
+            "files": files.export_user(db, tenant, user), "batches": batches.export_user(db, tenant, user)}
 
 
 def erase_user(db: sqlite3.Connection, tenant: str | None, user: str) -> dict[str, int]:
-    """Delete the user's content, consent, conversations and memory, blank their feedback comments, pseudonymise
+    """Delete the user's content, consent, conversations, memory, files and batches, blank their feedback comments, pseudonymise
     their usage rows."""
     where, params = _where(tenant, user)
     r_where, r_params = _where(tenant, user, "requests")
@@ -123,6 +124,8 @@ def erase_user(db: sqlite3.Connection, tenant: str | None, user: str) -> dict[st
         "consent": db.execute(f"DELETE FROM consent WHERE {where}", params).rowcount,
         **conversations.erase_user(db, tenant, user),
         **memory.erase_user(db, tenant, user),
+        **files.erase_user(db, tenant, user),
+        **batches.erase_user(db, tenant, user),
     }
     tenants = [t for (t,) in db.execute(f"SELECT DISTINCT tenant FROM requests WHERE {where}", params)]
     counts["requests_pseudonymised"] = sum(

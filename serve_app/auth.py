@@ -38,6 +38,10 @@ class APIKey(BaseModel):
     revoked: bool = False
 
 
+# The admin key from the environment (``gateway.admin_key_env``): accepted without being stored.
+BOOTSTRAP_ADMIN = APIKey(key_id="bootstrap-admin", tenant="admin", user="admin", plan="enterprise", admin=True)
+
+
 def hash_key(key: str) -> str:
     """Return the sha256 hex digest under which a key is stored."""
     return hashlib.sha256(key.encode("utf-8")).hexdigest()
@@ -98,7 +102,7 @@ class KeyStore:
             AuthenticationError: unknown or revoked key.
         """
         if self._bootstrap_hash and hmac.compare_digest(digest, self._bootstrap_hash):
-            return APIKey(key_id="bootstrap-admin", tenant="admin", user="admin", plan="enterprise", admin=True)
+            return BOOTSTRAP_ADMIN
         async with map_redis_errors("key lookup"):
             raw = await self.redis.get(KEY_PREFIX + digest)
         if raw is None:
@@ -122,6 +126,17 @@ class KeyStore:
             record = APIKey.model_validate_json(raw).model_copy(update={"revoked": True})
             await self.redis.set(KEY_PREFIX + digest, record.model_dump_json())
         return record
+
+    async def lookup_id(self, key_id: str) -> APIKey | None:
+        """The record of a key by its public id (work that outlives its request, e.g. a batch, runs as the
+        key that asked); None when it is unknown or revoked."""
+        if key_id == BOOTSTRAP_ADMIN.key_id and self._bootstrap_hash:
+            return BOOTSTRAP_ADMIN
+        async with map_redis_errors("key lookup"):
+            digest = await self.redis.get(KEY_ID_PREFIX + key_id)
+            raw = await self.redis.get(KEY_PREFIX + digest) if digest else None
+        record = APIKey.model_validate_json(raw) if raw else None
+        return record if record is not None and not record.revoked else None
 
     async def list(self) -> list[APIKey]:
         """Return every key's record (never the keys themselves)."""

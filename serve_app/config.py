@@ -13,6 +13,7 @@ from typing import Annotated, Any, Literal
 from pydantic import Field, NonNegativeFloat, PositiveFloat, PositiveInt, field_validator, model_validator
 
 from serve_app.alerts_config import AlertsConfig
+from serve_app.batch_config import BatchConfig
 from serve_app.brief_config import BriefConfig
 from serve_app.cache_config import CacheConfig
 from serve_app.config_base import BaseConfig, base_model_name
@@ -237,6 +238,7 @@ class GatewayConfig(BaseConfig):
     memory: MemoryConfig = Field(default_factory=MemoryConfig)
     brief: BriefConfig = Field(default_factory=BriefConfig)
     evaluation: EvaluationConfig = Field(default_factory=EvaluationConfig)
+    batches: BatchConfig = Field(default_factory=BatchConfig)
 
     @model_validator(mode="after")
     def _check_models(self) -> "GatewayConfig":

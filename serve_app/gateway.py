@@ -31,9 +31,9 @@ from deployments.injection import InjectionDetector, Verdict, user_text
 from deployments.router import RoutePlan, Router
 from deployments.ledger import LedgerBuffer, RequestRecord
 from deployments.privacy import Content
-from serve_app import (__version__, adapters, admin, api_routes, cache_admin, conversation_routes, cost_admin,
-                       dashboard, evaluation_admin, experiment_admin, overview_admin, privacy_admin, rag_routes,
-                       router_admin, template_admin)
+from serve_app import (__version__, adapters, admin, api_routes, batch_routes, cache_admin, conversation_routes,
+                       cost_admin, dashboard, evaluation_admin, experiment_admin, overview_admin, privacy_admin,
+                       rag_routes, router_admin, template_admin)
 from serve_app.judging import Evaluator
 from serve_app.router_config import AUTO_MODEL
 from serve_app.alerts import Alerter
@@ -60,6 +60,7 @@ from serve_app.dispatch import Attempt, Dispatcher
 from serve_app.grounding import Grounding, ground, query_of
 from serve_app.experimenting import ExperimentCache, with_variant
 from serve_app.prompting import TemplateCache, with_template
+from serve_app.batching import BatchRunner
 from serve_app.briefing import Brief
 from serve_app.conversing import Conversations
 from serve_app.handles import call, next_item
@@ -93,11 +94,12 @@ ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
 app = GatewayAPI(title="raygate", version=__version__, responses=ERROR_RESPONSES)
 # Outermost: every response, errors included, gets x-request-id; big bodies stop here.
 app.add_middleware(RequestContextMiddleware, max_body_bytes=lambda path: app.state.max_upload_bytes
-                   if path.endswith("/documents") else app.state.max_body_bytes)
+                   if path.endswith(("/documents", "/v1/files")) else app.state.max_body_bytes)
 install_error_handlers(app)
 app.state.max_body_bytes = app.state.max_upload_bytes = 1_048_576
 for routes in (admin, cost_admin, cache_admin, privacy_admin, api_routes, overview_admin, dashboard, rag_routes,
-               router_admin, template_admin, experiment_admin, adapters, conversation_routes, evaluation_admin):
+               router_admin, template_admin, experiment_admin, adapters, conversation_routes, evaluation_admin,
+               batch_routes):
     app.include_router(routes.router)
 
 
@@ -171,6 +173,8 @@ class Gateway:
         app.state.max_body_bytes = config.gateway.max_body_bytes
         app.state.max_upload_bytes = config.gateway.max_upload_bytes
         install_cors(app, config.gateway.cors_allow_origins)
+        self.batches = BatchRunner(self, config.batches)  # background batch jobs, behind interactive traffic
+        self.batches.start()
 
     @app.post("/v1/chat/completions", response_model=ChatCompletionResponse)
     async def chat_completions(
@@ -362,6 +366,7 @@ class Gateway:
 
     async def __del__(self) -> None:
         """Serve calls this when the replica stops: buffered ledger rows are not lost."""
+        await self.batches.close()
         await self.spend.close()
         await self.watcher.close()
         await self.guard.close()
@@ -394,6 +399,7 @@ class Gateway:
         self.ledger_buffer.add(fill_record(record, started, model, usage, error, attempts))
         self.conversations.finish(record.id, record.content.answer if record.content and usage and not error else None)
         self.metrics.observe(record)
+        self.batches.observe(record)
         self.request_log.write(record)
 
     async def _send_to_ledger(self, rows: list[RequestRecord]) -> None:

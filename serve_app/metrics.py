@@ -38,6 +38,8 @@ METRICS: dict[str, tuple[str, str, tuple[str, ...]]] = {
     "raygate_rate_limited": ("counter", "Requests refused by the Guard (rate limits, blocks).", ("reason",)),
     "raygate_denied": ("counter", "Requests refused by CostGuard or a plan.", ("reason",)),
     "raygate_budget_remaining_usd": ("gauge", "What is left of each USD budget this period.", ("budget",)),
+    "raygate_batch_requests": ("counter", "Batch requests finished, by outcome (ok, failed).", ("outcome",)),
+    "raygate_batch_paused": ("gauge", "1 while this replica's batch work waits for interactive latency.", ()),
 }
 _BOUNDARIES = {"raygate_gateway_overhead_seconds": OVERHEAD_BOUNDARIES}
 _RATE_CODES = {"rate_limit_exceeded"}

@@ -7,7 +7,8 @@ on a second, fault-injecting fake (``flaky`` with fallback, ``flaky-solo`` witho
 ``circuit`` with a quick circuit breaker), and the vision-capable ``vision-echo``,
 ``vision-claude`` and ``vision-flaky`` (falling back past the text-only ``echo``), and ``echo-small``
 (``echo`` with a 300-token window, for conversation history; ``echo`` summarises), and ``judge`` and
-``weak-answer`` (self-evaluation: sampled for the ``judged`` tenant only, sync on weak-answer, retried on echo).
+``weak-answer`` (self-evaluation: sampled for the ``judged`` tenant only, sync on weak-answer, retried on echo),
+and ``batch-slow`` (on the fault-injecting fake, whose latency the batch tests set).
 """
 
 from __future__ import annotations
@@ -126,6 +127,7 @@ UNAVAILABLE_FR = "Le service est momentanément indisponible."
 INJECTION_BLOCKING_TENANT = "strict-school"
 ALERT_RULE, ALERT_BUDGET = "test-budget-rule", "alerts-test"
 CONVERSATION_WINDOW, CONVERSATION_SUMMARY_TOKENS = 300, 32
+BATCH_LEASE_S, BATCH_CONCURRENCY = 2.0, 4
 
 
 def flaky_models(flaky_url: str) -> list[dict[str, Any]]:
@@ -194,6 +196,9 @@ def app_args(data_dir: Path, redis_url: str, upstream_url: str, flaky_url: str) 
              "engine_params": {"base_url": upstream_url, "model": "fake-echo", "api_key_env": "RAYGATE_TEST_UPSTREAM_KEY"}},
             *vision_models(upstream_url, flaky_url),
             *evaluation_models(upstream_url),
+            # test_batches_gateway sets the flaky fake's latency: batch requests slow enough to cancel or cut off.
+            {"name": "batch-slow", "engine": "remote", "required": False,
+             "engine_params": {"base_url": flaky_url, "model": "fake-slow"}, "circuit_breaker": NO_CIRCUIT},
         ],
         # test_evaluation_gateway: off for everyone but JUDGED_TENANT; sync judging on weak-answer only.
         "evaluation": {"judge_model": "judge", "sample_rate": 0.0, "tenant_sample_rates": {JUDGED_TENANT: 1.0},
@@ -209,6 +214,10 @@ def app_args(data_dir: Path, redis_url: str, upstream_url: str, flaky_url: str) 
         "gateway": {"max_body_bytes": 65536, "max_image_bytes": 16384, "ledger_flush_interval_s": 0.1,
                     "unavailable_messages": {"fr": UNAVAILABLE_FR}},
         # test_observability creates the budget at run time and drives the rule both ways.
+        # test_batches_gateway: a lost replica's batch is taken over within 2 s; batch work pauses while
+        # interactive requests take over 1.5 s to a first byte.
+        "batches": {"lease_s": BATCH_LEASE_S, "poll_interval_s": 0.5, "max_concurrency": BATCH_CONCURRENCY,
+                    "pause_above_ms": 1500, "pause_window_s": 6, "pause_min_samples": 3},
         "alerts": {"rules": [{"name": ALERT_RULE, "metric": "budget_spent_fraction", "above": 0.1,
                               "budget_id": ALERT_BUDGET}]},
     }
