@@ -12,6 +12,7 @@ its oldest), ``meta`` entry key -> what invalidation selects on, ``stats`` count
 
 from __future__ import annotations
 
+import asyncio
 import fnmatch
 import logging
 import time
@@ -30,11 +31,13 @@ from serve_app.cache_config import CacheConfig
 from serve_app.placement import Placed
 from serve_app.protocol import ChatCompletionRequest, FinishReason, UsageInfo
 from serve_app.stores import redis_client
+from serve_app.tasks import BackgroundTasks
 
 logger = logging.getLogger(__name__)
 
 _STORED_FINISHES = ("stop", "length")
 _SCAN_BATCH = 500
+COUNT_FLUSH_S = 1.0  # how often a replica's lookup counters reach the shared ones
 
 # KEYS: entry, lru, meta, stats. ARGV: value, ttl, now, meta, max entries. Returns the evicted keys.
 _PUT_LUA = """
@@ -101,6 +104,9 @@ class ResponseCache:
         self._get = self.redis.register_script(_GET_LUA)
         self.errors = 0  # store failures seen by this replica (also logged)
         self._on_evict = on_evict
+        self._counts: dict[str, float] = {}  # this replica's counters not yet in Redis
+        self._flush_timer: asyncio.TimerHandle | None = None
+        self._flushes = BackgroundTasks()
 
     def plan(self, body: ChatCompletionRequest, tenant: str, model: str, cache_control_header: str | None,
              template_version: str | None = None) -> CachePlan:
@@ -174,13 +180,27 @@ class ResponseCache:
                 self._failed("semantic store", exc)
         return True
 
-    async def count(self, status: CacheStatus, saved_usd: float = 0.0) -> None:
-        """Add one lookup's outcome to the shared counters (off the client's path)."""
+    def count(self, status: CacheStatus, saved_usd: float = 0.0) -> None:
+        """Add one lookup's outcome to this replica's counters; they reach the shared ones in Redis in one
+        pipeline within ``COUNT_FLUSH_S`` (a Redis call per request cost the Gateway CPU for a statistic)."""
+        self._counts[status] = self._counts.get(status, 0) + 1
+        if saved_usd:
+            self._counts["saved_usd"] = self._counts.get("saved_usd", 0.0) + saved_usd
+        if self._flush_timer is None:
+            self._flush_timer = asyncio.get_running_loop().call_later(COUNT_FLUSH_S, self._flush_later)
+
+    async def flush(self) -> None:
+        """Send this replica's counters to Redis now; on failure they are dropped (best-effort, logged)."""
+        counts, self._counts = self._counts, {}
+        if not counts:
+            return
         try:
             async with self.redis.pipeline(transaction=False) as pipe:
-                pipe.hincrby(self._stats, status, 1)
-                if saved_usd:
-                    pipe.hincrbyfloat(self._stats, "saved_usd", saved_usd)
+                for name, value in counts.items():
+                    if name == "saved_usd":
+                        pipe.hincrbyfloat(self._stats, name, value)
+                    else:
+                        pipe.hincrby(self._stats, name, int(value))
                 await pipe.execute()
         except redis.exceptions.RedisError as exc:
             self._failed("count", exc)
@@ -212,7 +232,9 @@ class ResponseCache:
         return removed
 
     async def stats(self) -> dict[str, Any]:
-        """Counters shared by every replica, the entry count, and this replica's store failures."""
+        """Counters shared by every replica (this one's flushed first), the entry count, and this replica's
+        store failures."""
+        await self.flush()
         counts = await self.redis.hgetall(self._stats)
         stats: dict[str, Any] = {name: int(counts.get(name, 0)) for name in ("hit", "semantic-hit", "miss",
                                                                               "bypass", "evictions")}
@@ -222,7 +244,16 @@ class ResponseCache:
         return stats
 
     async def close(self) -> None:
+        """Send the counters still held, then close the connections."""
+        if self._flush_timer is not None:
+            self._flush_timer.cancel()
+        await self._flushes.wait(COUNT_FLUSH_S)
+        await self.flush()
         await self.redis.aclose()
+
+    def _flush_later(self) -> None:
+        self._flush_timer = None
+        self._flushes.spawn(self.flush())
 
     # -- helpers -------------------------------------------------------------------------------
 

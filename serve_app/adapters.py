@@ -105,7 +105,7 @@ async def load_adapter(name: str, body: LoadBody, gateway: "Gateway" = Depends(g
     """Serve adapter ``name`` on ``body.model`` as ``<model>:<name>``, without restarting the model's replicas."""
     model = _base_model(gateway, body.model)
     gateway.adapters.registry.get(name)  # 404 before touching a replica
-    error = await call(gateway.models[model.name].load_adapter.remote(name), LOAD_TIMEOUT_S, f"Model {model.name}")
+    error = await call(gateway.models[model.name].invoke("load_adapter", name), LOAD_TIMEOUT_S, f"Model {model.name}")
     if error is not None:
         raise error
     return gateway.adapters.registry.mark_loaded(name, model.name)

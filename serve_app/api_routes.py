@@ -72,7 +72,7 @@ async def embeddings(body: EmbeddingRequest, key: APIKey = Depends(authenticate)
 
 async def component_health(gateway: "Gateway") -> dict[str, str]:
     """Each component's status, ``ok`` or ``down``."""
-    checks: dict[str, Any] = {f"model:{name}": h.check_health.remote() for name, h in gateway.models.items()}
+    checks: dict[str, Any] = {f"model:{name}": m.invoke("check_health") for name, m in gateway.models.items()}
     checks["embedder"] = gateway.embedder.check_health.remote()
     checks["ledger"] = gateway.ledger.check_health.remote()
     if gateway.retriever is not None:

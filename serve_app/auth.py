@@ -18,6 +18,7 @@ import redis.asyncio as aioredis
 from pydantic import BaseModel
 
 from serve_app.errors import AuthenticationError, NotFoundError
+from serve_app.key_cache import REVOKED_CHANNEL, KeyCache
 from serve_app.stores import map_redis_errors
 
 Plan = Literal["free", "premium", "enterprise"]
@@ -67,11 +68,15 @@ class KeyStore:
     Args:
         redis: an asyncio client (``decode_responses=True``).
         bootstrap_admin_key: an admin key from the environment, accepted without being stored.
+        cache_ttl_s: how long an authenticated key is served from memory (``serve_app.key_cache``);
+            0, the default, asks Redis every time (the CLI, tools).
     """
 
-    def __init__(self, redis: aioredis.Redis, bootstrap_admin_key: str | None = None) -> None:
+    def __init__(self, redis: aioredis.Redis, bootstrap_admin_key: str | None = None, *,
+                 cache_ttl_s: float = 0.0) -> None:
         self.redis = redis
         self._bootstrap_hash = hash_key(bootstrap_admin_key) if bootstrap_admin_key else None
+        self.cache = KeyCache(redis, cache_ttl_s)
 
     async def create(self, tenant: str, user: str, plan: Plan = "free", *, admin: bool = False) -> tuple[str, APIKey]:
         """Create a key. Returns the plaintext key (shown once) and its record."""
@@ -103,6 +108,9 @@ class KeyStore:
         """
         if self._bootstrap_hash and hmac.compare_digest(digest, self._bootstrap_hash):
             return BOOTSTRAP_ADMIN
+        if (cached := self.cache.get(digest)) is not None:
+            return cached
+        token = self.cache.token()
         async with map_redis_errors("key lookup"):
             raw = await self.redis.get(KEY_PREFIX + digest)
         if raw is None:
@@ -110,10 +118,11 @@ class KeyStore:
         record = APIKey.model_validate_json(raw)
         if record.revoked:
             raise AuthenticationError("This API key has been revoked.")
+        self.cache.put(digest, record, token)
         return record
 
     async def revoke(self, key_or_id: str) -> APIKey:
-        """Revoke a key given the key itself or its id.
+        """Revoke a key given the key itself or its id; every Gateway replica's cache drops it at once.
 
         Raises:
             NotFoundError: no such key.
@@ -125,7 +134,13 @@ class KeyStore:
                 raise NotFoundError("No such API key.")
             record = APIKey.model_validate_json(raw).model_copy(update={"revoked": True})
             await self.redis.set(KEY_PREFIX + digest, record.model_dump_json())
+            self.cache.drop(digest)
+            await self.redis.publish(REVOKED_CHANNEL, digest)
         return record
+
+    async def close(self) -> None:
+        """Stop the cache's subscription (the Redis client is the caller's to close)."""
+        await self.cache.close()
 
     async def lookup_id(self, key_id: str) -> APIKey | None:
         """The record of a key by its public id (work that outlives its request, e.g. a batch, runs as the

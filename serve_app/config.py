@@ -172,6 +172,10 @@ class GatewaySettings(BaseConfig):
     max_image_bytes: PositiveInt = Field(
         5 * 1_048_576, description="Largest image in a data URL (decoded); max_body_bytes applies first.")
     admin_key_env: str = Field("RAYGATE_ADMIN_KEY", description="Env var with a bootstrap admin key.")
+    key_cache_ttl_s: NonNegativeFloat = Field(
+        5.0, description="How long a replica serves an authenticated API key from memory (0: Redis every "
+                         "request). A revocation reaches every replica at once through Redis pub/sub; this "
+                         "bounds it while that subscription is down.")
     ledger_flush_interval_s: PositiveFloat = Field(0.5, description="Ledger rows are sent in batches this often.")
     ledger_batch_size: PositiveInt = Field(256, description="... or when this many are buffered.")
     unavailable_message: str = Field(
@@ -216,6 +220,14 @@ class PlacementConfig(BaseConfig):
     guard: Placement = Field("embedded", description="Rate limits only need Redis: embedded by default.")
     router: Placement = Field(
         "embedded", description="Rules and the Redis cache need no hop; the Embedder is called either way.")
+    models: Placement = Field(
+        "deployment", description="Remote models (engine: remote) only: embedded runs each one's ModelServer in "
+                                  "every Gateway replica (no Serve hop; the SDK's CPU moves into the Gateway). "
+                                  "hf and vllm models are always deployments (they hold weights).")
+
+    def embeds(self, model: ModelConfig) -> bool:
+        """Whether ``model`` runs inside the Gateway replicas rather than as its ``Model_<name>`` deployment."""
+        return self.models == "embedded" and model.engine == "remote"
 
 
 class GatewayConfig(BaseConfig):

@@ -13,12 +13,11 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from ray.serve.handle import DeploymentHandle
-
 from serve_app.circuit import CircuitBreakers, Permission
 from serve_app.config import GatewayConfig, ModelConfig, base_model_name
 from serve_app.errors import InvalidRequestError, RaygateError, UpstreamTimeoutError, UpstreamUnavailableError
 from serve_app.handles import REPLICA_UNAVAILABLE, call, next_item
+from serve_app.placement import Placed
 from serve_app.protocol import ChatCompletionRequest
 from serve_app.retry import next_delay_s, retry_after_s
 from serve_app.tasks import BackgroundTasks
@@ -59,20 +58,18 @@ class _Progress:
 
 
 class Dispatcher:
-    """Calls model deployments for the Gateway.
+    """Calls models for the Gateway.
 
     Args:
         config: the application config (models, graceful-failure messages).
-        models: one handle per model.
+        models: each model's ``ModelServer``, by model name: behind its deployment's handle or embedded
+            in this replica (``placement.models``); called the same way.
         circuits: shared circuit breakers, or None to disable them.
     """
 
-    def __init__(self, config: GatewayConfig, models: dict[str, DeploymentHandle],
-                 circuits: CircuitBreakers | None) -> None:
+    def __init__(self, config: GatewayConfig, models: dict[str, Placed], circuits: CircuitBreakers | None) -> None:
         self.config = config
         self.models = models
-        # Handles are configured once: .options() per call costs time on the hot path.
-        self.stream_handles = {name: h.options(stream=True) for name, h in models.items()}
         self.circuits = circuits
         self.background = BackgroundTasks()
 
@@ -158,12 +155,12 @@ class Dispatcher:
         deployment = model.name if model.name in self.models else base_model_name(model.name)
         component = f"Model {model.name}"
         if not body.stream:
-            result = await call(self.models[deployment].complete.remote(request), timeout_s, component,
+            result = await call(self.models[deployment].invoke("complete", request), timeout_s, component,
                                 UpstreamUnavailableError)
             if isinstance(result, RaygateError):
                 raise result
             return result, None
-        stream = self.stream_handles[deployment].stream.remote(request)
+        stream = self.models[deployment].stream("stream", request)
         try:
             first = await next_item(stream, timeout_s, component, UpstreamUnavailableError)
         except StopAsyncIteration as exc:
@@ -172,6 +169,11 @@ class Dispatcher:
             stream.cancel()
             raise first
         return first, stream
+
+    async def close(self) -> None:
+        """Close the embedded models' engines (a deployment closes its own)."""
+        for model in self.models.values():
+            await model.close()
 
     async def _permission(self, model: ModelConfig) -> Permission:
         if self.circuits is None:

@@ -66,7 +66,7 @@ from serve_app.conversing import Conversations
 from serve_app.handles import call, next_item
 from serve_app.metrics import GatewayMetrics
 from serve_app.middleware import RequestContextMiddleware, install_cors, install_error_handlers
-from serve_app.placement import Placed
+from serve_app.placement import Placed, placed_models
 from serve_app.records import fill_record
 from serve_app.adapters import AdapterIndex
 from serve_app.request_log import RequestLog
@@ -110,7 +110,7 @@ class Gateway:
     Args:
         config: the validated application config.
         redis_url: where keys and counters live.
-        models: one handle per configured model, by model name.
+        models: one handle per model placed as a deployment, by model name (embedded ones have none).
         embedder: the Embedder's handle.
         ledger: the Ledger's handle.
         cost_guard: CostGuard's handle when it is placed as a deployment; None embeds it here.
@@ -135,9 +135,10 @@ class Gateway:
     ) -> None:
         self.config = self.args_config = config
         redis = redis_client(redis_url)
-        self.keys = KeyStore(redis, os.environ.get(config.gateway.admin_key_env) or None)
-        self.models = models
-        self.dispatcher = Dispatcher(config, models, CircuitBreakers(redis))
+        self.keys = KeyStore(redis, os.environ.get(config.gateway.admin_key_env) or None,
+                             cache_ttl_s=config.gateway.key_cache_ttl_s)
+        self.models = placed_models(config, models)  # handles, or ModelServers embedded here (placement.models)
+        self.dispatcher = Dispatcher(config, self.models, CircuitBreakers(redis))
         costs = cost_guard or CostGuard(config.cost_guard, redis_url, config.prices())
         placed = Placed("CostGuard", costs, remote=cost_guard is not None)
         self.alerter = Alerter(config.alerts, redis, budget_status=lambda: placed("budget_status"))
@@ -289,7 +290,7 @@ class Gateway:
         record.cache_status, record.ttft_ms = hit.status, (time.perf_counter() - started) * 1000
         record.content.answer = hit.entry.content  # type: ignore[union-attr]
         record.saved_usd = model.cost_usd(hit.entry.usage.prompt_tokens, hit.entry.usage.completion_tokens)
-        self.spend.background.spawn(self.cache.count(hit.status, record.saved_usd))
+        self.cache.count(hit.status, record.saved_usd)
         self._record(record, started, model, UsageInfo.of(0, 0), None, [])
         headers = {MODEL_HEADER: hit.entry.model, CACHE_HEADER: hit.status, "x-raygate-attempts": "0",
                    **limits.headers(), **({FLAGS_HEADER: record.flags} if record.flags else {}),
@@ -310,8 +311,8 @@ class Gateway:
 
     def _cache_store(self, plan: CachePlan, content: str | None, finish_reason: Any, model: ModelConfig,
                      usage: UsageInfo, record: RequestRecord, category: str | None) -> None:
-        """Count the lookup's outcome and keep the answer, off the client's path."""
-        self.spend.background.spawn(self.cache.count(plan.status))
+        """Count the lookup's outcome (locally, flushed in batches) and keep the answer, off the client's path."""
+        self.cache.count(plan.status)
         if plan.store and content:
             cost = model.cost_usd(usage.prompt_tokens, usage.completion_tokens)
             tags = record.tags.split(",") if record.tags else []
@@ -373,7 +374,9 @@ class Gateway:
         await self.alerter.close()
         await self.cache.close()
         await self.router.close()
+        await self.dispatcher.close()
         await self.ledger_buffer.close()
+        await self.keys.close()
         await self.keys.redis.aclose()
 
     def _model(self, name: str) -> ModelConfig:

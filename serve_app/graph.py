@@ -17,7 +17,7 @@ from deployments.semantic_cache import SemanticCache
 from deployments.embedder import Embedder
 from deployments.guard import Guard
 from deployments.ledger import Ledger
-from deployments.models.server import ModelServer
+from deployments.models.server import ModelDeployment
 from serve_app.config import GatewayConfig, ModelConfig, StoresConfig
 from serve_app.gateway import Gateway
 from serve_app.stores import embedded_redis_url
@@ -48,8 +48,8 @@ def model_deployment_name(model_name: str) -> str:
 
 
 def build_model_deployment(model: ModelConfig, data_dir: str) -> Application:
-    """Bind the ModelServer deployment of one model."""
-    deployment: Deployment = serve.deployment(ModelServer, name=model_deployment_name(model.name),
+    """Bind the ModelDeployment of one model."""
+    deployment: Deployment = serve.deployment(ModelDeployment, name=model_deployment_name(model.name),
                                               **DEFAULT_MODEL_OPTIONS)
     return deployment.bind(model, data_dir)
 
@@ -133,7 +133,8 @@ def build_graph(args: dict[str, Any], *, gateway_options: dict[str, Any] | None 
     """
     config = load_config(args)
     redis_url = config.stores.redis_url or embedded_redis_url(config.stores.data_dir)
-    models = {m.name: build_model_deployment(m, config.stores.data_dir) for m in config.models}
+    models = {m.name: build_model_deployment(m, config.stores.data_dir) for m in config.models
+              if not config.placement.embeds(m)}  # embedded models run in the Gateway (serve_app.placement)
     gateway = serve.deployment(Gateway, name="Gateway", **{**DEFAULT_GATEWAY_OPTIONS, **(gateway_options or {})})
     embedder = build_embedder_deployment(config)
     return gateway.bind(config, redis_url, models, embedder, build_ledger_deployment(config),

@@ -1,4 +1,9 @@
-"""``ModelServer``: the Serve deployment that hosts one engine for one configured model."""
+"""``ModelServer``: hosts one engine for one configured model, as its own deployment or in the Gateway.
+
+``ModelDeployment`` is the ``Model_<name>`` Serve deployment. With ``placement.models: embedded`` a
+remote model's ``ModelServer`` runs inside each Gateway replica instead (``serve_app.placement``):
+no Serve hop per request, and the same methods, errors and values either way.
+"""
 
 from __future__ import annotations
 
@@ -29,13 +34,25 @@ class ModelServer:
         engine_cls: the engine to run; by default the one ``config.engine`` names.
     """
 
-    async def __init__(self, config: ModelConfig, data_dir: str, *, engine_cls: type[Engine] | None = None) -> None:
+    def __init__(self, config: ModelConfig, data_dir: str, *, engine_cls: type[Engine] | None = None) -> None:
         self.config = config
         cls = engine_cls or load_engine_class(config)
         self.engine = cls(config, data_dir)
-        logger.info("Starting %s engine for model %s", config.engine, config.name)
-        await asyncio.wait_for(self.engine.start(), ENGINE_START_TIMEOUT_S)
-        logger.info("Model %s ready", config.name)
+
+    async def start(self) -> None:
+        """Start the engine, within ``ENGINE_START_TIMEOUT_S``; once, before the first request.
+
+        Raises:
+            UpstreamUnavailableError: it did not start (a deployment's replica then fails to start; an
+                embedded model fails the request, which retries or falls back, and the next call tries again).
+        """
+        logger.info("Starting %s engine for model %s", self.config.engine, self.config.name)
+        try:
+            await asyncio.wait_for(self.engine.start(), ENGINE_START_TIMEOUT_S)
+        except Exception as exc:
+            logger.exception("Engine of model %s did not start", self.config.name)
+            raise UpstreamUnavailableError(f"Model {self.config.name} could not start.") from exc
+        logger.info("Model %s ready", self.config.name)
 
     async def complete(self, request: ChatCompletionRequest) -> ChatCompletionResponse | RaygateError:
         """Answer a non-streaming request.
@@ -97,8 +114,8 @@ class ModelServer:
         except Exception as exc:
             raise ServiceUnavailableError(f"Model {self.config.name} is unhealthy.") from exc
 
-    async def __del__(self) -> None:
-        """Serve calls this when the replica stops: let the engine release what it holds."""
+    async def close(self) -> None:
+        """Let the engine release what it holds (connections, workers, GPU memory)."""
         await self.engine.close()
 
     @staticmethod
@@ -106,3 +123,23 @@ class ModelServer:
         async for output in outputs:
             if isinstance(output, ChatCompletionStreamResponse):
                 yield output
+
+
+class ModelDeployment(ModelServer):
+    """The ``Model_<name>`` Serve deployment: a ``ModelServer`` with Serve's lifecycle hooks.
+
+    Serve awaits an async ``__init__`` (the engine is up before the replica takes requests) and
+    calls ``__del__`` when the replica stops. They live here, not on ``ModelServer``: an embedded
+    instance is closed by the Gateway, and an async ``__del__`` there would leave an un-awaited
+    coroutine behind when it is garbage-collected.
+    """
+
+    async def __init__(  # type: ignore[misc]
+        self, config: ModelConfig, data_dir: str, *, engine_cls: type[Engine] | None = None
+    ) -> None:
+        super().__init__(config, data_dir, engine_cls=engine_cls)
+        await self.start()
+
+    async def __del__(self) -> None:
+        """Serve calls this when the replica stops: let the engine release what it holds."""
+        await self.close()

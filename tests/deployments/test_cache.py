@@ -7,6 +7,7 @@ what is (not) stored, and bypass when a store fails.
 
 from __future__ import annotations
 
+import asyncio
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
@@ -15,6 +16,7 @@ from typing import Any
 
 import pytest
 
+from deployments import cache as cache_module
 from deployments.cache import CachePlan, ResponseCache
 from deployments.cache_protocol import CacheScope, Selector, cache_control, replay_chunks
 from deployments.semantic_cache import SemanticCache
@@ -282,3 +284,21 @@ async def test_redis_stopped_and_restarted(tmp_path: Path, direct_embedder: Dire
     finally:
         await cache.close()
         server.stop()
+
+
+async def test_lookup_counters_are_flushed_in_batches(make_cache: MakeCache, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(cache_module, "COUNT_FLUSH_S", 0.2)
+    here, there = make_cache(with_semantic=False), make_cache(with_semantic=False)  # two Gateway replicas
+    for _ in range(5):
+        here.count("miss")
+    here.count("hit", 0.25)
+    here.count("hit", 0.5)
+    assert await there.redis.hgetall(there._stats) == {}  # nothing sent per lookup ...
+    await asyncio.sleep(0.5)  # ... all of it in one pipeline once the flush interval is over
+    stats = await there.stats()
+    assert (stats["miss"], stats["hit"], stats["saved_usd"]) == (5, 2, 0.75)
+    here.count("bypass")
+    assert (await here.stats())["bypass"] == 1  # a replica's own stats include what it has not sent yet
+    there.count("miss")
+    await there.close()  # closing sends what is left
+    assert (await here.stats())["miss"] == 6

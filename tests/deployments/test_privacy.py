@@ -56,7 +56,8 @@ async def test_erasure_leaves_no_content_anywhere_in_the_file(tmp_path: Path) ->
     assert SECRET.encode() in database_bytes(tmp_path)
     counts = await ledger.erase_user("acme", "ann", "admin-key")
     assert counts == {"messages": 20, "feedback_comments": 1, "consent": 0, "conversations": 0,
-                      "conversation_messages": 0, "memory": 0, "requests_pseudonymised": 20}
+                      "conversation_messages": 0, "memory": 0, "files": 0, "batches": 0, "batch_items": 0,
+                      "requests_pseudonymised": 20}
     assert SECRET.encode() not in database_bytes(tmp_path)
     assert b"bob-keeps-this" in database_bytes(tmp_path)
     export = await ledger.export_user("acme", "ann", "admin-key")

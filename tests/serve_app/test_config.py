@@ -87,3 +87,17 @@ def test_stores_resolve_environment(monkeypatch: pytest.MonkeyPatch, tmp_path: P
     config = load_config({"models": [{"name": "a", "engine": "hf", "engine_params": {}}]})
     assert config.stores.redis_url == "redis://127.0.0.1:7777"
     assert config.stores.data_dir == str(tmp_path.resolve())
+
+
+@pytest.mark.parametrize("placement", ["deployment", "embedded"])
+def test_embedded_models_bind_no_deployment(placement: str, tmp_path: Path) -> None:
+    from ray.serve._private.build_app import build_app as build_deployments
+
+    args = {"models": [{"name": "tiny", "engine": "hf", "engine_params": {}},
+                       {"name": "gpt", "engine": "remote", "engine_params": {"base_url": "http://x/v1", "model": "m"}}],
+            "stores": {"redis_url": "redis://127.0.0.1:1", "data_dir": str(tmp_path)},
+            "placement": {"models": placement}}
+    names = {d.name for d in build_deployments(build_app(args), name="raygate").deployments}
+    # hf (and vllm) models hold weights: always their own deployment; only remote models move in.
+    assert "Model_tiny" in names
+    assert ("Model_gpt" in names) == (placement == "deployment")

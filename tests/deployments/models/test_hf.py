@@ -12,7 +12,7 @@ import pytest
 from deployments.models.base import Engine
 from tests.deployments.models.contract import complete, stream, text
 from deployments.models.hf import HFEngine
-from deployments.models.server import ModelServer
+from deployments.models.server import ModelDeployment
 from serve_app.config import ModelConfig
 from serve_app.errors import InvalidRequestError, RaygateError
 from serve_app.protocol import ChatCompletionRequest, ChatCompletionResponse, ChatCompletionStreamResponse
@@ -187,10 +187,10 @@ async def test_not_started_engine_is_unhealthy(tiny_model_path: Path) -> None:
         await engine.check_health()
 
 
-async def test_model_server_in_serve_local_testing_mode(tiny_model_config: ModelConfig, tmp_path: Path) -> None:
+async def test_model_deployment_in_serve_local_testing_mode(tiny_model_config: ModelConfig, tmp_path: Path) -> None:
     from ray import serve
 
-    app = serve.deployment(ModelServer).bind(tiny_model_config, str(tmp_path))
+    app = serve.deployment(ModelDeployment).bind(tiny_model_config, str(tmp_path))
     handle = serve.run(app, _local_testing_mode=True)
     request = _request(temperature=0, max_tokens=6)
 
