@@ -242,6 +242,7 @@ class Conversations:
             logger.info("Conversation summary failed (%s); the oldest turns are left out", exc.code)
             return None
         gateway._record(record, started, answer.model, answer.first.usage, None, attempts)
+        gateway._correct_tokens(key, answer.first.usage)  # the user's tokens per minute count it too
         summary = (answer.first.choices[0].message.content or "").strip()
         if not summary:
             return None

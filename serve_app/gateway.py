@@ -259,7 +259,7 @@ class Gateway:
             headers["x-raygate-downgraded"] = f"{record.downgraded_from}->{model.name}"
         category = record.category or request.headers.get(CATEGORY_HEADER)
         if answer.stream is None:
-            self._correct_tokens(key, answer.first.usage, estimated_tokens, limits)
+            self._correct_tokens(key, answer.first.usage, estimated_tokens, limits.checked_at)
             record.content.answer = answer.first.choices[0].message.content  # type: ignore[union-attr]
             served = await self.evaluator.review(key, body, record, answer, headers)  # judged; maybe retried once
             self._record(record, started, answer.model, answer.first.usage, None, attempts)
@@ -272,7 +272,7 @@ class Gateway:
 
         def on_end(usage: UsageInfo | None, error: RaygateError | None) -> None:
             record.content.answer = collected.text()  # type: ignore[union-attr]
-            self._correct_tokens(key, usage, estimated_tokens, limits)
+            self._correct_tokens(key, usage, estimated_tokens, limits.checked_at)
             self._record(record, started, answer.model, usage, error, attempts)
             if error is None and usage is not None:
                 self.evaluator.sample(key, body, record, collected.text(), answer.model.name)
@@ -360,10 +360,12 @@ class Gateway:
                 param="messages", code="prompt_rejected")
         return verdict.header()
 
-    def _correct_tokens(self, key: APIKey, usage: UsageInfo | None, estimated: int, limits: GuardDecision) -> None:
-        """Replace the tokens-per-minute estimate with the real count, off the client's path."""
+    def _correct_tokens(self, key: APIKey, usage: UsageInfo | None, estimated: int = 0,
+                        checked_at: float | None = None) -> None:
+        """Replace the tokens-per-minute estimate with the real count, off the client's path (a call the
+        Guard never estimated, a judge's or a summary's, adds its usage: ``estimated`` 0)."""
         actual = usage.total_tokens if usage is not None else 0
-        self.spend.background.spawn(self.guard("record_tokens", key, actual, estimated, limits.checked_at))
+        self.spend.background.spawn(self.guard("record_tokens", key, actual, estimated, checked_at))
 
     async def __del__(self) -> None:
         """Serve calls this when the replica stops: buffered ledger rows are not lost."""

@@ -189,6 +189,7 @@ class Evaluator:
             retry.content.answer = text
         gateway.conversations.finish(record.id, text)  # the conversation keeps the answer the client got
         gateway._record(retry, started, answer.model, answer.first.usage, None, attempts)
+        gateway._correct_tokens(key, answer.first.usage)  # the user's tokens per minute count it too
         return answer
 
     async def judge(self, key: APIKey, request_id: str, question: str, answer: str, answer_model: str,
@@ -218,6 +219,7 @@ class Evaluator:
             logger.warning("Judging %s failed (%s)", request_id, exc.code)
             return None
         gateway._record(record, started, reply.model, reply.first.usage, None, attempts)
+        gateway._correct_tokens(key, reply.first.usage)
         score, reason = parse_verdict(reply.first.choices[0].message.content)
         self.counts["scored" if score is not None else "unparsed"] += 1
         if score is None:
