@@ -21,9 +21,7 @@ from ray import serve
 from ray.serve.handle import DeploymentHandle
 
 from deployments.cache import CachePlan, ResponseCache
-from deployments.cache_protocol import (
-    CACHE_HEADER, CATEGORY_HEADER, CacheHit, StreamCollector, completion_from, replay_chunks,
-)
+from deployments.cache_protocol import CACHE_HEADER, CATEGORY_HEADER, CacheHit, StreamCollector
 from deployments.cost_guard import CostGuard
 from deployments.guard import Guard, check_request_size
 from deployments.guard_protocol import GuardDecision
@@ -80,7 +78,7 @@ from serve_app.protocol import (
 from serve_app.spend import TAG_HEADER, Spend, capped_request, estimate_prompt_tokens, parse_tags
 from serve_app.stores import redis_client
 from serve_app.http_parts import GatewayAPI, answer_headers, client_language
-from serve_app.streaming import sse_events
+from serve_app.streaming import cached_answer, sse_events
 from serve_app.thresholds import ThresholdEvaluator
 from serve_app.vision import check_images, downgrade_refused, vision_capable
 from serve_app.watch import AnomalyWatcher, flood_alert, periodic_work
@@ -295,19 +293,7 @@ class Gateway:
         headers = {MODEL_HEADER: hit.entry.model, CACHE_HEADER: hit.status, "x-raygate-attempts": "0",
                    **limits.headers(), **({FLAGS_HEADER: record.flags} if record.flags else {}),
                    **self._route_headers(record)}
-        if not body.stream:
-            payload = completion_from(hit, record.id).model_dump(mode="json") | {
-                "raygate": {**hit.extension(), **(extension or {})}}
-            return Response(orjson.dumps(payload), media_type="application/json", headers=headers)
-        first, *rest = replay_chunks(hit, record.id)
-
-        async def replay() -> AsyncIterator[ChatCompletionStreamResponse]:
-            for chunk in rest:
-                yield chunk
-
-        events = sse_events(first, replay, include_usage=body.include_usage(), on_end=lambda usage, error: None,
-                            extension=extension)
-        return StreamingResponse(events, media_type="text/event-stream", headers=headers)
+        return cached_answer(hit, record.id, body.stream, body.include_usage(), headers, extension)
 
     def _cache_store(self, plan: CachePlan, content: str | None, finish_reason: Any, model: ModelConfig,
                      usage: UsageInfo, record: RequestRecord, category: str | None) -> None:

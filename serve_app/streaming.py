@@ -6,8 +6,10 @@ from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import orjson
+from fastapi.responses import Response, StreamingResponse
 from pydantic import BaseModel
 
+from deployments.cache_protocol import CacheHit, completion_from, replay_chunks
 from serve_app.errors import ErrorResponse, RaygateError
 from serve_app.protocol import ChatCompletionStreamResponse, UsageInfo
 
@@ -71,3 +73,21 @@ async def sse_events(
         yield DONE_FRAME
     finally:
         on_end(usage, error)
+
+
+def cached_answer(hit: CacheHit, request_id: str, stream: bool, include_usage: bool, headers: dict[str, str],
+                  extension: dict[str, Any] | None) -> Response:
+    """A cache hit as the client asked for it: one completion, or its chunks replayed as SSE."""
+    if not stream:
+        payload = completion_from(hit, request_id).model_dump(mode="json") | {
+            "raygate": {**hit.extension(), **(extension or {})}}
+        return Response(orjson.dumps(payload), media_type="application/json", headers=headers)
+    first, *rest = replay_chunks(hit, request_id)
+
+    async def replay() -> AsyncIterator[ChatCompletionStreamResponse]:
+        for chunk in rest:
+            yield chunk
+
+    events = sse_events(first, replay, include_usage=include_usage, on_end=lambda usage, error: None,
+                        extension=extension)
+    return StreamingResponse(events, media_type="text/event-stream", headers=headers)
