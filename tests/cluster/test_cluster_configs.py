@@ -67,10 +67,10 @@ def command_index(commands: list[str], needle: str) -> int:
 
 
 def check_start_commands(commands: list[str]) -> None:
-    """`ray start` runs with the throughput flag and an explicit auth mode exported."""
+    """`ray start` runs with the throughput flag, HAProxy ingress and an explicit auth mode exported."""
     start = commands[command_index(commands, "ray start")]
     before = start.split("ray start", 1)[0]
-    for needed in ("RAY_SERVE_THROUGHPUT_OPTIMIZED=1", "RAY_AUTH_MODE="):
+    for needed in ("RAY_SERVE_THROUGHPUT_OPTIMIZED=1", "RAY_SERVE_ENABLE_HA_PROXY=1", "RAY_AUTH_MODE="):
         if needed not in before:
             raise ConfigError(f"{needed} is not exported before `ray start`: {start}")
 
@@ -211,6 +211,7 @@ def test_rayservice_passes_the_crd_schema() -> None:
     for container in ray_containers(cluster):
         env = env_of(container)
         assert env["RAY_SERVE_THROUGHPUT_OPTIMIZED"]["value"] == "1", container["name"]
+        assert env["RAY_SERVE_ENABLE_HA_PROXY"]["value"] == "1", container["name"]
         admin_key = env["RAYGATE_ADMIN_KEY"]["valueFrom"]["secretKeyRef"]
         assert admin_key["name"] and admin_key["key"] and not admin_key.get("optional")
     assert len({c["image"] for c in ray_containers(cluster)}) == 1  # one image: raygate, vllm included
