@@ -180,7 +180,7 @@ class Gateway:
         self, body: ChatCompletionRequest, request: Request, key: APIKey = Depends(authenticate)
     ) -> Response:
         """OpenAI chat completions, streaming (SSE) or not."""
-        started = time.perf_counter()
+        started = getattr(request.state, "arrived", None) or time.perf_counter()  # set by the middleware
         body, brief = Brief.of(body, request.headers, self.config.brief)  # the cap, an expand turn
         requested = body.model
         assignment = await self.experiments.assignment(body.model, key.user)

@@ -8,6 +8,7 @@ refused before any route parses them.
 from __future__ import annotations
 
 import logging
+import time
 import uuid
 from collections.abc import Callable
 
@@ -61,7 +62,9 @@ class RequestContextMiddleware:
         # echoes it on the response; outside Serve this middleware does both.
         given = headers.get(REQUEST_ID_HEADER, "")[:MAX_REQUEST_ID_CHARS]
         request_id = given or f"req-{uuid.uuid4().hex}"
-        scope.setdefault("state", {})["request_id"] = request_id
+        # arrived: when the request reached the app, so latency and time to first byte include the wait
+        # for the body and the event loop (what batch work's pause watches, serve_app.batching).
+        scope.setdefault("state", {}).update(request_id=request_id, arrived=time.perf_counter())
         extra_headers = [*SECURITY_HEADERS, *([] if given else [(REQUEST_ID_HEADER.encode(), request_id.encode())])]
 
         async def send_with_id(message: Message) -> None:
