@@ -54,7 +54,7 @@ import random
 import logging
 import threading
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import asdict
 from typing import Any, Literal
 
@@ -181,6 +181,17 @@ class FakeUpstream:
         return fault
 
     # -- lifecycle ---------------------------------------------------------------
+
+    @classmethod
+    @contextlib.asynccontextmanager
+    async def started(cls, **options: Any) -> AsyncIterator["FakeUpstream"]:
+        """A fake serving on the running event loop (async fixtures), stopped on exit."""
+        fake = cls(**options)
+        await fake.start()
+        try:
+            yield fake
+        finally:
+            await fake.stop()
 
     async def start(self, host: str = "127.0.0.1", port: int = 0) -> str:
         """Serve on ``host:port`` (0 picks a free port).

@@ -31,10 +31,8 @@ FAST_RETRY = {"max_attempts": 2, "initial_backoff_s": 0.0, "max_backoff_s": 0.0,
 
 @pytest.fixture
 async def upstream() -> AsyncIterator[FakeUpstream]:
-    fake = FakeUpstream(words=WORDS)
-    await fake.start()
-    yield fake
-    await fake.stop()
+    async with FakeUpstream.started(words=WORDS) as fake:
+        yield fake
 
 
 def make_config(base_url: str, placement: Placement, data_dir: Path) -> GatewayConfig:

@@ -46,10 +46,8 @@ EXPECTED_TEXT = " ".join(PHRASE[i % len(PHRASE)] for i in range(WORDS))
 
 @pytest.fixture
 async def upstream() -> AsyncIterator[FakeUpstream]:
-    fake = FakeUpstream(words=WORDS)
-    await fake.start()
-    yield fake
-    await fake.stop()
+    async with FakeUpstream.started(words=WORDS) as fake:
+        yield fake
 
 
 def make_config(base_url: str, **params: Any) -> ModelConfig:
