@@ -69,7 +69,9 @@ async def started_engine(config: ModelConfig) -> AnthropicEngine:
 async def engine(upstream: FakeUpstream, monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[AnthropicEngine]:
     monkeypatch.setenv(KEY_ENV, SECRET)
     # The fake's base URL ends in /v1, as OpenAI-style ones do; the engine drops it.
-    engine = await started_engine(make_config(upstream.base_url, extra_headers={"X-Tenant": "acme"}, timeout_s=0.5))
+    # A generous timeout: a loaded CI machine must not turn a slow connect into a failure; the hang test
+    # makes its own engine with a short one.
+    engine = await started_engine(make_config(upstream.base_url, extra_headers={"X-Tenant": "acme"}, timeout_s=10))
     yield engine
     await engine.close()
 
@@ -296,10 +298,15 @@ async def test_error_event_mid_stream(
 
 
 @pytest.mark.parametrize("stream", [False, True])
-async def test_hang_maps_to_timeout(engine: AnthropicEngine, upstream: FakeUpstream, stream: bool) -> None:
-    upstream.hang(seconds=30)  # engine timeout_s is 0.5; stop() wakes the handler
-    with pytest.raises(UpstreamTimeoutError) as info:
-        await run(engine, make_request(stream))
+async def test_hang_maps_to_timeout(upstream: FakeUpstream, monkeypatch: pytest.MonkeyPatch, stream: bool) -> None:
+    monkeypatch.setenv(KEY_ENV, SECRET)
+    engine = await started_engine(make_config(upstream.base_url, timeout_s=0.5))
+    upstream.hang(seconds=30)  # stop() wakes the handler
+    try:
+        with pytest.raises(UpstreamTimeoutError) as info:
+            await run(engine, make_request(stream))
+    finally:
+        await engine.close()
     assert info.value.code == "upstream_timeout"
 
 

@@ -63,7 +63,9 @@ async def started_engine(config: ModelConfig) -> RemoteEngine:
 @pytest.fixture
 async def engine(upstream: FakeUpstream, monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[RemoteEngine]:
     monkeypatch.setenv(KEY_ENV, SECRET)
-    engine = await started_engine(make_config(upstream.base_url, extra_headers={"X-Tenant": "acme"}, timeout_s=0.5))
+    # A generous timeout: a loaded CI machine must not turn a slow connect into a failure; the hang test
+    # makes its own engine with a short one.
+    engine = await started_engine(make_config(upstream.base_url, extra_headers={"X-Tenant": "acme"}, timeout_s=10))
     yield engine
     await engine.close()
 
@@ -204,10 +206,15 @@ async def test_rate_limit_without_retry_after(engine: RemoteEngine, upstream: Fa
 
 
 @pytest.mark.parametrize("stream", [False, True])
-async def test_hang_maps_to_timeout(engine: RemoteEngine, upstream: FakeUpstream, stream: bool) -> None:
-    upstream.hang(seconds=30)  # engine timeout_s is 0.5; stop() wakes the handler
-    with pytest.raises(UpstreamTimeoutError) as info:
-        await run(engine, make_request(stream))
+async def test_hang_maps_to_timeout(upstream: FakeUpstream, monkeypatch: pytest.MonkeyPatch, stream: bool) -> None:
+    monkeypatch.setenv(KEY_ENV, SECRET)
+    engine = await started_engine(make_config(upstream.base_url, timeout_s=0.5))
+    upstream.hang(seconds=30)  # stop() wakes the handler
+    try:
+        with pytest.raises(UpstreamTimeoutError) as info:
+            await run(engine, make_request(stream))
+    finally:
+        await engine.close()
     assert info.value.code == "upstream_timeout"
 
 
