@@ -26,6 +26,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, Field
 
 from deployments import files
+from deployments.user_rows import user_where
 from serve_app.errors import InvalidRequestError, NotFoundError, RateLimitError
 
 SCHEMA = """
@@ -288,13 +289,9 @@ def release(db: sqlite3.Connection, owner: str) -> int:
                       [owner, *RUNNING]).rowcount
 
 
-def _where(tenant: str | None, user: str) -> tuple[str, list[str]]:
-    return ("user = ?", [user]) if tenant is None else ("tenant = ? AND user = ?", [tenant, user])
-
-
 def export_user(db: sqlite3.Connection, tenant: str | None, user: str) -> list[dict[str, Any]]:
     """The user's batches (their requests and results are in the exported files)."""
-    where, params = _where(tenant, user)
+    where, params = user_where(tenant, user)
     rows = db.execute(f"SELECT {', '.join(_FIELDS)} FROM batches WHERE {where} ORDER BY created_at", params).fetchall()
     return [_batch(r).model_dump(exclude={"raygate"}) for r in rows]
 
@@ -302,7 +299,7 @@ def export_user(db: sqlite3.Connection, tenant: str | None, user: str) -> list[d
 def erase_user(db: sqlite3.Connection, tenant: str | None, user: str) -> dict[str, int]:
     """Delete the user's batches and the requests of those still running (which then stop: their lease
     renewals find no batch)."""
-    where, params = _where(tenant, user)
+    where, params = user_where(tenant, user)
     items = db.execute(f"DELETE FROM batch_items WHERE batch_id IN (SELECT id FROM batches WHERE {where})",
                        params).rowcount
     return {"batches": db.execute(f"DELETE FROM batches WHERE {where}", params).rowcount, "batch_items": items}

@@ -25,6 +25,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, Field
 
+from deployments.user_rows import user_where
 from serve_app.errors import InvalidRequestError, NotFoundError
 
 SCHEMA = """
@@ -190,13 +191,9 @@ def delete(db: sqlite3.Connection, tenant: str, user: str, conversation_id: str)
     return Deleted(id=conversation_id)
 
 
-def _where(tenant: str | None, user: str) -> tuple[str, list[str]]:
-    return ("user = ?", [user]) if tenant is None else ("tenant = ? AND user = ?", [tenant, user])
-
-
 def export_user(db: sqlite3.Connection, tenant: str | None, user: str) -> list[dict[str, Any]]:
     """Every conversation of the user (all tenants when ``tenant`` is None), with messages and summary."""
-    where, params = _where(tenant, user)
+    where, params = user_where(tenant, user)
     rows = db.execute(f"SELECT id, tenant FROM conversations WHERE {where} ORDER BY created_at", params).fetchall()
     found = [get(db, t, user, cid) for cid, t in rows]
     return [{"id": c.id, "tenant": c.tenant, "created_at": c.created_at, "metadata": c.metadata,
@@ -206,7 +203,7 @@ def export_user(db: sqlite3.Connection, tenant: str | None, user: str) -> list[d
 
 def erase_user(db: sqlite3.Connection, tenant: str | None, user: str) -> dict[str, int]:
     """Delete every conversation of the user and their messages."""
-    where, params = _where(tenant, user)
+    where, params = user_where(tenant, user)
     messages = db.execute(f"DELETE FROM conversation_messages WHERE conversation_id IN "
                           f"(SELECT id FROM conversations WHERE {where})", params).rowcount
     return {"conversations": db.execute(f"DELETE FROM conversations WHERE {where}", params).rowcount,

@@ -16,6 +16,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel
 
+from deployments.user_rows import user_where
 from serve_app.errors import NotFoundError
 
 SCHEMA = """
@@ -107,13 +108,9 @@ def delete(db: sqlite3.Connection, tenant: str, user: str, file_id: str) -> File
     return FileDeleted(id=file_id)
 
 
-def _where(tenant: str | None, user: str) -> tuple[str, list[str]]:
-    return ("user = ?", [user]) if tenant is None else ("tenant = ? AND user = ?", [tenant, user])
-
-
 def export_user(db: sqlite3.Connection, tenant: str | None, user: str) -> list[dict[str, Any]]:
     """The user's files (all tenants when ``tenant`` is None), with their text."""
-    where, params = _where(tenant, user)
+    where, params = user_where(tenant, user)
     rows = db.execute(f"SELECT {_FIELDS}, tenant, content FROM files WHERE {where} ORDER BY created_at",
                       params).fetchall()
     return [{**_file(r[:5]).model_dump(), "tenant": r[5], "content": bytes(r[6]).decode("utf-8", "replace")}
@@ -122,5 +119,5 @@ def export_user(db: sqlite3.Connection, tenant: str | None, user: str) -> list[d
 
 def erase_user(db: sqlite3.Connection, tenant: str | None, user: str) -> dict[str, int]:
     """Delete every file of the user."""
-    where, params = _where(tenant, user)
+    where, params = user_where(tenant, user)
     return {"files": db.execute(f"DELETE FROM files WHERE {where}", params).rowcount}

@@ -18,6 +18,7 @@ from typing import Any
 
 from pydantic import BaseModel, Field
 
+from deployments.user_rows import user_where
 from serve_app.errors import InvalidRequestError
 
 SCHEMA = """
@@ -112,17 +113,13 @@ def patch(db: sqlite3.Connection, tenant: str, user: str, changes: dict[str, Any
     return put(db, tenant, user, merged, max_keys, max_bytes)
 
 
-def _where(tenant: str | None, user: str) -> tuple[str, list[str]]:
-    return ("user = ?", [user]) if tenant is None else ("tenant = ? AND user = ?", [tenant, user])
-
-
 def export_user(db: sqlite3.Connection, tenant: str | None, user: str) -> list[dict[str, Any]]:
     """The user's memory, per tenant."""
-    where, params = _where(tenant, user)
+    where, params = user_where(tenant, user)
     return [{"tenant": t, "memory": json.loads(m), "updated_at": at} for t, m, at in db.execute(
         f"SELECT tenant, memory, updated_at FROM user_memory WHERE {where} ORDER BY tenant", params)]
 
 
 def erase_user(db: sqlite3.Connection, tenant: str | None, user: str) -> dict[str, int]:
-    where, params = _where(tenant, user)
+    where, params = user_where(tenant, user)
     return {"memory": db.execute(f"DELETE FROM user_memory WHERE {where}", params).rowcount}

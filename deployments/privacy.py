@@ -18,6 +18,7 @@ from typing import Any
 from pydantic import BaseModel, Field
 
 from deployments import batches, conversations, files, memory
+from deployments.user_rows import user_where
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS consent (
@@ -79,24 +80,17 @@ def set_consent(db: sqlite3.Connection, tenant: str, user: str, consent: bool) -
                [tenant, user, int(consent), time.time()])
 
 
-def _where(tenant: str | None, user: str, alias: str = "") -> tuple[str, list[str]]:
-    prefix = f"{alias}." if alias else ""
-    if tenant is None:
-        return f"{prefix}user = ?", [user]
-    return f"{prefix}tenant = ? AND {prefix}user = ?", [tenant, user]
-
-
 def export_user(db: sqlite3.Connection, tenant: str | None, user: str, columns: list[str]) -> dict[str, Any]:
     """Everything the ledger holds about a user: requests, messages, feedback, usage, consent, conversations
     (``deployments.conversations``) and memory (``deployments.memory``)."""
-    where, params = _where(tenant, user)
+    where, params = user_where(tenant, user)
     requests = [dict(zip(columns, row)) for row in db.execute(
         f"SELECT {', '.join(columns)} FROM requests WHERE {where} ORDER BY created_at", params)]
     messages = [{"request_id": rid, "messages": json.loads(m), "answer": a, "created_at": at}
                 for rid, m, a, at in db.execute(
                     f"SELECT request_id, messages, answer, created_at FROM messages WHERE {where} ORDER BY created_at",
                     params)]
-    r_where, r_params = _where(tenant, user, "r")
+    r_where, r_params = user_where(tenant, user, "r")
     feedback = [dict(zip(("request_id", "rating", "thumbs", "comment", "created_at"), row)) for row in db.execute(
         f"SELECT f.request_id, f.rating, f.thumbs, f.comment, f.created_at FROM feedback f "
         f"JOIN requests r ON r.id = f.request_id WHERE {r_where} ORDER BY f.created_at", r_params)]
@@ -114,8 +108,8 @@ def export_user(db: sqlite3.Connection, tenant: str | None, user: str, columns: 
 def erase_user(db: sqlite3.Connection, tenant: str | None, user: str) -> dict[str, int]:
     """Delete the user's content, consent, conversations, memory, files and batches, blank their feedback comments, pseudonymise
     their usage rows."""
-    where, params = _where(tenant, user)
-    r_where, r_params = _where(tenant, user, "requests")
+    where, params = user_where(tenant, user)
+    r_where, r_params = user_where(tenant, user, "requests")
     counts = {
         "messages": db.execute(f"DELETE FROM messages WHERE {where}", params).rowcount,
         "feedback_comments": db.execute(

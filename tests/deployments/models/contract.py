@@ -4,13 +4,26 @@ from __future__ import annotations
 
 from typing import Any
 
+import pytest
+
 from deployments.models.base import Engine
+from serve_app.errors import UpstreamTimeoutError
 from serve_app.protocol import ChatCompletionRequest, ChatCompletionResponse, ChatCompletionStreamResponse
 
 
 async def run(engine: Engine, request: ChatCompletionRequest) -> list[Any]:
     """Every output of one ``chat`` call."""
     return [output async for output in engine.chat(request)]
+
+
+async def check_hang_times_out(engine: Engine, request: ChatCompletionRequest) -> None:
+    """A call to an upstream that hangs (``FakeUpstream.hang``) ends in ``upstream_timeout``; closes ``engine``."""
+    try:
+        with pytest.raises(UpstreamTimeoutError) as info:
+            await run(engine, request)
+    finally:
+        await engine.close()
+    assert info.value.code == "upstream_timeout"
 
 
 async def complete(engine: Engine, request: ChatCompletionRequest) -> ChatCompletionResponse:
