@@ -59,7 +59,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.compare_servers import (MODELS, ensure_litellm, litellm_server, litellm_version, raygate_server,
-                                    serve_raygate)
+                                    roles_ms, serve_raygate, tree_cpu)
 
 LOGS = Path(tempfile.gettempdir()) / "raygate-bench-compare-logs"
 ROUNDS_MS = (0, 50)
@@ -71,10 +71,7 @@ CONTENT_RE = re.compile(rb'"content":\s*"[^"]')  # a chunk that carries text (no
 RESULTS = Path(__file__).with_name("RESULTS.md")
 PLOT = Path(__file__).with_name("compare.png")
 SECTION = "## raygate vs LiteLLM proxy (bench.compare)"
-# "haproxy -db": the HAProxy binary Serve's HAProxyManager actor runs (RAY_SERVE_ENABLE_HA_PROXY=1), a child of it.
-ROLE_MARKERS = (("ProxyActor", "proxy"), ("HAProxyManager", "proxy"), ("haproxy -db", "haproxy"),
-                (":Gateway", "gateway"), (":Model_", "model"), (":CostGuard", "cost_guard"), (":Guard", "guard"),
-                (":Router", "router"), (":Ledger", "ledger"), (":Embedder", "embedder"), ("valkey", "valkey"))
+
 
 
 @dataclass(frozen=True)
@@ -195,33 +192,6 @@ async def _call(session: Any, target: Target, url: str, model: str, stream: bool
         return type(exc).__name__, (time.perf_counter() - started) * 1000, ttft
 
 
-def _role(cmdline: str, default: str) -> str:
-    return next((role for marker, role in ROLE_MARKERS if marker in cmdline), default)
-
-
-def tree_cpu(pids: list[int], default_role: str) -> dict[int, tuple[str, float]]:
-    """Return (role, CPU seconds so far) of each process under ``pids``, by pid."""
-    import psutil
-
-    out: dict[int, tuple[str, float]] = {}
-    for root in pids:
-        with contextlib.suppress(psutil.Error):
-            top = psutil.Process(root)
-            for proc in [top, *top.children(recursive=True)]:
-                with contextlib.suppress(psutil.Error):
-                    times = proc.cpu_times()
-                    out[proc.pid] = (_role(" ".join(proc.cmdline()), default_role),
-                                     times.user + times.system + times.children_user + times.children_system)
-    return out
-
-
-def _roles_ms(before: dict[int, tuple[str, float]], after: dict[int, tuple[str, float]], n: int) -> dict[str, float]:
-    roles: dict[str, float] = {}
-    for pid, (role, seconds) in after.items():
-        roles[role] = roles.get(role, 0.0) + max(0.0, seconds - before.get(pid, (role, 0.0))[1]) * 1000 / max(n, 1)
-    return roles
-
-
 async def run_phase(target: Target, latency_ms: int, stream: bool, concurrency: int, n: int, max_s: float,
                     upstream_pid: int, counter: Counter) -> Phase:
     """Warm up, then send ``n`` requests from ``concurrency`` clients (no call starts after ``max_s``)."""
@@ -262,8 +232,8 @@ async def run_phase(target: Target, latency_ms: int, stream: bool, concurrency: 
             errors[error] = errors.get(error, 0) + 1
     ok = [r for r in results if r[0] is None]
     totals, firsts = [r[1] for r in ok], [r[2] for r in ok if r[2] is not None]
-    roles = _roles_ms(server0, server1, done)
-    upstream_cpu = sum(_roles_ms(upstream0, upstream1, done).values())
+    roles = roles_ms(server0, server1, done)
+    upstream_cpu = sum(roles_ms(upstream0, upstream1, done).values())
     return Phase(target.cell, latency_ms, stream, concurrency, n, done, wall_s, done / wall_s,
                  percentile(totals, 50), percentile(totals, 95), percentile(totals, 99),
                  percentile(firsts, 50) if stream else None, percentile(firsts, 95) if stream else None,

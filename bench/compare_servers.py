@@ -1,4 +1,5 @@
-"""bench.compare's servers: raygate (a subprocess with its own Ray cluster) and LiteLLM proxy (its own venv).
+"""bench.compare's servers: raygate (a subprocess with its own Ray cluster) and LiteLLM proxy (its own venv),
+and the CPU their processes spend, by role.
 
 Each server runs in its own process group, so stopping it stops everything it started.
 """
@@ -220,3 +221,39 @@ def litellm_version() -> str:
     python = LITELLM_VENV / "bin" / "python"
     probe = [str(python), "-c", "import importlib.metadata as m; print(m.version('litellm'))"]
     return subprocess.run(probe, capture_output=True, text=True).stdout.strip() or "?"
+
+
+# "haproxy -db": the HAProxy binary Serve's HAProxyManager actor runs (RAY_SERVE_ENABLE_HA_PROXY=1), a child of it.
+# Process command-line marker -> role, for the CPU each server process spends (``tree_cpu``).
+ROLE_MARKERS = (("ProxyActor", "proxy"), ("HAProxyManager", "proxy"), ("haproxy -db", "haproxy"),
+                (":Gateway", "gateway"), (":Model_", "model"), (":CostGuard", "cost_guard"), (":Guard", "guard"),
+                (":Router", "router"), (":Ledger", "ledger"), (":Embedder", "embedder"), ("valkey", "valkey"))
+
+
+def role_of(cmdline: str, default: str) -> str:
+    """The role of a server process, by a marker in its command line."""
+    return next((role for marker, role in ROLE_MARKERS if marker in cmdline), default)
+
+
+def tree_cpu(pids: list[int], default_role: str) -> dict[int, tuple[str, float]]:
+    """Return (role, CPU seconds so far) of each process under ``pids``, by pid."""
+    import psutil
+
+    out: dict[int, tuple[str, float]] = {}
+    for root in pids:
+        with contextlib.suppress(psutil.Error):
+            top = psutil.Process(root)
+            for proc in [top, *top.children(recursive=True)]:
+                with contextlib.suppress(psutil.Error):
+                    times = proc.cpu_times()
+                    out[proc.pid] = (role_of(" ".join(proc.cmdline()), default_role),
+                                     times.user + times.system + times.children_user + times.children_system)
+    return out
+
+
+def roles_ms(before: dict[int, tuple[str, float]], after: dict[int, tuple[str, float]], n: int) -> dict[str, float]:
+    """CPU ms per request by role between two ``tree_cpu`` snapshots."""
+    roles: dict[str, float] = {}
+    for pid, (role, seconds) in after.items():
+        roles[role] = roles.get(role, 0.0) + max(0.0, seconds - before.get(pid, (role, 0.0))[1]) * 1000 / max(n, 1)
+    return roles
