@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Literal
 
-FaultKind = Literal["status", "hang", "drop", "no_usage", "stream_error"]
+FaultKind = Literal["status", "hang", "drop", "no_usage", "stream_error", "not_json"]
 DEFAULT_HANG_S = 60.0
 
 
@@ -19,7 +19,8 @@ class Fault:
             ``after_chunks`` SSE frames; non-stream requests get half a body) or
             ``no_usage`` (answer normally, without usage) or ``stream_error`` (Anthropic
             streams only: an ``error`` event after ``after_chunks`` events, of the type
-            Anthropic uses for ``status``; other requests answer normally).
+            Anthropic uses for ``status``; other requests answer normally) or ``not_json``
+            (a non-streamed request gets a 200 whose body is HTML).
         times: requests it applies to; ``None`` means every request until ``reset()``.
     """
 

@@ -144,6 +144,10 @@ class FakeUpstream:
         """Answer the next ``times`` requests without any usage."""
         self.add_fault(Fault("no_usage", times))
 
+    def garble(self, *, times: int | None = 1) -> None:
+        """Answer the next ``times`` non-streamed requests 200 with a body that is not JSON (a broken proxy)."""
+        self.add_fault(Fault("not_json", times))
+
     def stream_error(self, status: int = 529, *, after_chunks: int = 3, times: int | None = 1,
                      message: str = "fake upstream failure") -> None:
         """Send an Anthropic ``error`` event (the type of ``status``) after ``after_chunks`` events."""
@@ -301,6 +305,8 @@ class FakeUpstream:
         usage = _usage(count_prompt_words(body), n_words) if with_usage else b""
         if not body.get("stream"):
             payload = answer.json_head + (b',"usage":' + usage if usage else b"") + b"}"
+            if fault is not None and fault.kind == "not_json":
+                return web.Response(body=b"<html>502 Bad Gateway</html>", content_type="text/html")
             if fault is not None and fault.kind == "drop":
                 return await self._drop(request, web.StreamResponse(headers={"Content-Type": "application/json"}),
                                         payload[: len(payload) // 2])

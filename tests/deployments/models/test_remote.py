@@ -228,6 +228,15 @@ async def test_dropped_response_fails(engine: RemoteEngine, upstream: FakeUpstre
         await run(engine, make_request(False))
 
 
+async def test_answer_that_is_not_json_is_an_upstream_error(engine: RemoteEngine, upstream: FakeUpstream) -> None:
+    upstream.garble()
+    with pytest.raises(UpstreamError) as info:
+        await run(engine, make_request(False))
+    assert info.value.status_code == 502 and "not a JSON object" in info.value.message
+    [response] = await run(engine, make_request(False))  # the next answer is fine
+    assert isinstance(response, ChatCompletionResponse) and response.choices[0].message.content
+
+
 async def test_unreachable_upstream(monkeypatch: pytest.MonkeyPatch) -> None:
     fake = FakeUpstream()
     base_url = await fake.start()
