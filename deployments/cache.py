@@ -28,6 +28,7 @@ from deployments.cache_protocol import (
 )
 from deployments.cache_match import same_question
 from serve_app.cache_config import CacheConfig
+from serve_app.pipelining import AutoPipeline
 from serve_app.placement import Placed
 from serve_app.protocol import ChatCompletionRequest, FinishReason, UsageInfo
 from serve_app.stores import redis_client
@@ -100,8 +101,9 @@ class ResponseCache:
         self.semantic = semantic if config.semantic.enabled else None
         self.prefix = key_prefix
         self._lru, self._meta, self._stats = f"{key_prefix}:lru", f"{key_prefix}:meta", f"{key_prefix}:stats"
-        self._put = self.redis.register_script(_PUT_LUA)
-        self._get = self.redis.register_script(_GET_LUA)
+        pipeline = AutoPipeline(self.redis)  # concurrent requests' lookups and stores share round trips
+        self._put = pipeline.register_script(_PUT_LUA)
+        self._get = pipeline.register_script(_GET_LUA)
         self.errors = 0  # store failures seen by this replica (also logged)
         self._on_evict = on_evict
         self._counts: dict[str, float] = {}  # this replica's counters not yet in Redis

@@ -44,6 +44,7 @@ import orjson
 
 from deployments.cost_guard_config_store import CostConfigStore
 from deployments.cost_guard_lua import COST_GUARD_LUA
+from serve_app.pipelining import AutoPipeline
 from deployments.cost_guard_periods import Window, midnight, period_window
 from deployments.cost_guard_protocol import (
     NANO_USD, PLAN_QUOTA, BudgetStatus, Outcome, Reason, ReserveDecision, ReserveRequest, SettleResult,
@@ -100,7 +101,7 @@ class CostGuard:
     ) -> None:
         self.redis = redis_client(redis_url, config.redis_max_connections)
         self._store = CostConfigStore(self.redis, config, prices, key_prefix=key_prefix)
-        self._script = self.redis.register_script(COST_GUARD_LUA)
+        self._script = AutoPipeline(self.redis).register_script(COST_GUARD_LUA)
         self._prices, self._max_price = _nano_prices(prices)
         self._tz = ZoneInfo(config.timezone)
         self._windows: dict[str, Window] = {}

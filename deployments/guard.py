@@ -31,6 +31,7 @@ from deployments.guard_protocol import (
     WINDOW_S, Anomaly, Block, GuardDecision, Reason, remaining, reset_s, usage, wait_s,
 )
 from serve_app.auth import APIKey
+from serve_app.pipelining import AutoPipeline
 from serve_app.errors import InvalidRequestError, NotFoundError
 from serve_app.guard_config import GuardConfig
 from serve_app.protocol import ChatCompletionRequest
@@ -78,7 +79,7 @@ class Guard:
     def __init__(self, config: GuardConfig, redis_url: str, *, key_prefix: str = "raygate:guard") -> None:
         self.config = config
         self.redis = redis_client(redis_url, config.redis_max_connections)
-        self._script = self.redis.register_script(GUARD_LUA)
+        self._script = AutoPipeline(self.redis).register_script(GUARD_LUA)
         self._prefix = key_prefix
         self._blocks = f"{key_prefix}:blocks"
         self._active = f"{key_prefix}:active"

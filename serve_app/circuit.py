@@ -15,6 +15,7 @@ from typing import Literal
 import redis.asyncio as aioredis
 
 from serve_app.config import CircuitBreakerConfig
+from serve_app.pipelining import AutoPipeline
 from serve_app.stores import map_redis_errors
 
 Permission = Literal["allow", "probe", "skip"]
@@ -71,8 +72,9 @@ class CircuitBreakers:
 
     def __init__(self, redis: aioredis.Redis) -> None:
         self.redis = redis
-        self._allow = redis.register_script(_ALLOW)
-        self._record = redis.register_script(_RECORD)
+        pipeline = AutoPipeline(redis)  # concurrent requests' checks and records share round trips
+        self._allow = pipeline.register_script(_ALLOW)
+        self._record = pipeline.register_script(_RECORD)
 
     async def permission(self, model: str, config: CircuitBreakerConfig, now: float | None = None) -> Permission:
         """Return whether a call to ``model`` may go: allow, probe (half-open) or skip (open)."""

@@ -1,0 +1,99 @@
+"""AutoPipeline against a real Valkey: concurrent commands share pipelines; each reply and error reaches its caller."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from typing import Any
+
+import pytest
+import redis.asyncio as aioredis
+from redis.exceptions import ConnectionError as RedisConnectionError, ResponseError
+
+from serve_app.pipelining import AutoPipeline
+from serve_app.stores import redis_client
+
+SCRIPT = "return {KEYS[1], redis.call('INCRBY', KEYS[1], ARGV[1])}"
+
+
+class Counted(AutoPipeline):
+    """Records the size of each batch it sends."""
+
+    def __init__(self, redis: aioredis.Redis) -> None:
+        super().__init__(redis)
+        self.batches: list[int] = []
+
+    async def _send(self, batch: list[Any]) -> None:
+        self.batches.append(len(batch))
+        await super()._send(batch)
+
+
+def fresh() -> str:
+    return f"test:pipe:{uuid.uuid4().hex[:8]}"
+
+
+async def test_concurrent_scripts_share_pipelines_and_keep_their_replies(redis: aioredis.Redis) -> None:
+    pipeline = Counted(redis)
+    script = pipeline.register_script(SCRIPT)
+    await redis.script_load(SCRIPT)
+    keys = [fresh() for _ in range(40)]
+    replies = await asyncio.gather(*(script(keys=[k], args=[i]) for i, k in enumerate(keys)))
+    assert replies == [[k, i] for i, k in enumerate(keys)]
+    assert sum(pipeline.batches) == 40 and len(pipeline.batches) <= 2  # not one round trip each
+
+
+async def test_a_lone_command_goes_out_alone(redis: aioredis.Redis) -> None:
+    pipeline = Counted(redis)
+    key = fresh()
+    assert await pipeline.execute("SET", key, "v") is True
+    assert await pipeline.execute("GET", key) == "v"
+    assert pipeline.batches == [1, 1]
+
+
+async def test_one_commands_error_reaches_only_its_caller(redis: aioredis.Redis) -> None:
+    pipeline = AutoPipeline(redis)
+    text, counter = fresh(), fresh()
+    await redis.set(text, "not a number")
+    results = await asyncio.gather(pipeline.execute("INCR", text), pipeline.execute("INCR", counter),
+                                   return_exceptions=True)
+    assert isinstance(results[0], ResponseError) and results[1] == 1
+
+
+async def test_a_flushed_script_is_loaded_once_again(redis: aioredis.Redis) -> None:
+    """A restarted Redis has no scripts: NOSCRIPT loads it (once for concurrent callers) and each call answers."""
+    script = AutoPipeline(redis).register_script(SCRIPT)
+    key = fresh()
+    assert await script(keys=[key], args=[2]) == [key, 2]
+    await redis.script_flush()
+    loads = await script_loads(redis)
+    replies = await asyncio.gather(*(script(keys=[key], args=[1]) for _ in range(10)))
+    assert sorted(r[1] for r in replies) == list(range(3, 13))  # each ran once
+    assert await script_loads(redis) == loads + 1
+
+
+async def script_loads(redis: aioredis.Redis) -> int:
+    """SCRIPT LOAD commands the server has run so far (INFO commandstats)."""
+    return int((await redis.info("commandstats")).get("cmdstat_script|load", {}).get("calls", 0))
+
+
+async def test_a_cancelled_caller_leaves_the_others_their_replies(redis: aioredis.Redis) -> None:
+    pipeline = AutoPipeline(redis)
+    key = fresh()
+    first = asyncio.ensure_future(pipeline.execute("INCR", key))
+    second = asyncio.ensure_future(pipeline.execute("INCR", key))
+    await asyncio.sleep(0)  # both queued
+    first.cancel()
+    assert await second in (1, 2)
+    assert first.cancelled()
+
+
+async def test_an_unreachable_redis_fails_every_caller_of_the_batch() -> None:
+    dead = redis_client("redis://127.0.0.1:1/0")
+    pipeline = AutoPipeline(dead)
+    try:
+        results = await asyncio.gather(*(pipeline.execute("GET", "k") for _ in range(3)), return_exceptions=True)
+        assert all(isinstance(r, RedisConnectionError) for r in results)
+        with pytest.raises(RedisConnectionError):  # and the next call tries again
+            await pipeline.execute("GET", "k")
+    finally:
+        await dead.aclose()
