@@ -182,7 +182,8 @@ def deobfuscate(text: str) -> str:
 
 def match_patterns(text: str) -> list[str]:
     """Names of the pattern rules the text (or its de-obfuscated copy) matches."""
-    variants = (text, deobfuscate(text))
+    plain = deobfuscate(text)
+    variants = (text,) if plain == text else (text, plain)  # most text has nothing to undo: one scan
     return [f"pattern:{rule}" for rule, patterns in _COMPILED.items()
             if any(p.search(v) for p in patterns for v in variants)]
 

@@ -4,7 +4,9 @@ States: ``closed`` (calls go through) → ``open`` after ``failure_threshold``
 consecutive failures or an error rate over the window → after ``cooldown_s``,
 ``half_open``: one probe call goes through; its success closes the circuit, its
 failure opens it again. Each transition is one Lua script, so replicas never
-disagree about a transition.
+disagree about a transition. A replica that last saw a circuit closed trusts that for
+``state_cache_s`` and lets calls go without asking Redis: the check costs nothing while
+the upstream is healthy, and another replica's opening reaches it that much later.
 """
 
 from __future__ import annotations
@@ -75,14 +77,20 @@ class CircuitBreakers:
         pipeline = AutoPipeline(redis)  # concurrent requests' checks and records share round trips
         self._allow = pipeline.register_script(_ALLOW)
         self._record = pipeline.register_script(_RECORD)
+        self._closed_until: dict[str, float] = {}  # by model: when this replica's sight of "closed" expires
 
     async def permission(self, model: str, config: CircuitBreakerConfig, now: float | None = None) -> Permission:
         """Return whether a call to ``model`` may go: allow, probe (half-open) or skip (open)."""
         if not config.enabled:
             return "allow"
+        now = _now(now)
+        if self._closed_until.get(model, 0.0) > now:
+            return "allow"
         async with map_redis_errors("circuit check"):
-            result = await self._allow(keys=[KEY_PREFIX + model], args=[_now(now), config.cooldown_s])
-        return {1: "allow", 2: "probe", 0: "skip"}[int(result)]
+            result = await self._allow(keys=[KEY_PREFIX + model], args=[now, config.cooldown_s])
+        permission: Permission = {1: "allow", 2: "probe", 0: "skip"}[int(result)]
+        self._saw(model, "closed" if permission == "allow" else "open", config, now)
+        return permission
 
     async def record(self, model: str, ok: bool, config: CircuitBreakerConfig, now: float | None = None) -> str:
         """Record a call's outcome; return the circuit's state after it."""
@@ -91,7 +99,15 @@ class CircuitBreakers:
         args = [1 if ok else 0, _now(now), config.failure_threshold, config.error_rate_threshold,
                 config.min_requests, config.window_s]
         async with map_redis_errors("circuit record"):
-            return str(await self._record(keys=[KEY_PREFIX + model], args=args))
+            state = str(await self._record(keys=[KEY_PREFIX + model], args=args))
+        self._saw(model, state, config, float(args[1]))
+        return state
+
+    def _saw(self, model: str, state: str, config: CircuitBreakerConfig, now: float) -> None:
+        if state == "closed":
+            self._closed_until[model] = now + config.state_cache_s
+        else:
+            self._closed_until.pop(model, None)
 
     async def state(self, model: str) -> dict[str, str]:
         """Return a circuit's stored fields (state, counters), for admin views and tests."""

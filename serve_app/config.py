@@ -93,6 +93,9 @@ class CircuitBreakerConfig(BaseConfig):
     min_requests: PositiveInt = Field(20, description="...once the window holds this many calls.")
     window_s: PositiveFloat = Field(60.0, description="Window of the error rate.")
     cooldown_s: PositiveFloat = Field(30.0, description="Open time before one half-open probe.")
+    state_cache_s: NonNegativeFloat = Field(
+        0.5, description="How long a replica trusts its last sight of a closed circuit without asking Redis "
+                         "(another replica's opening reaches it within this; 0 asks on every call).")
 
 
 class ModelConfig(BaseConfig):
@@ -221,9 +224,10 @@ class PlacementConfig(BaseConfig):
     router: Placement = Field(
         "embedded", description="Rules and the Redis cache need no hop; the Embedder is called either way.")
     models: Placement = Field(
-        "deployment", description="Remote models (engine: remote) only: embedded runs each one's ModelServer in "
-                                  "every Gateway replica (no Serve hop; the SDK's CPU moves into the Gateway). "
-                                  "hf and vllm models are always deployments (they hold weights).")
+        "embedded", description="Remote-provider models (engine: remote) only: embedded runs each one's "
+                                "ModelServer in every Gateway replica (no Serve hop: 4.5 -> 2.8 ms of CPU per "
+                                "request, bench/RESULTS.md); deployment gives each its own Model_<name> deployment. "
+                                "hf and vllm models are always deployments (they hold weights).")
 
     def embeds(self, model: ModelConfig) -> bool:
         """Whether ``model`` runs inside the Gateway replicas rather than as its ``Model_<name>`` deployment."""

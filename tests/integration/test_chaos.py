@@ -154,7 +154,8 @@ def chaos(deployed: Deployed, session_data_dir: Path) -> Iterator[dict[str, Any]
         model = {"name": "echo", "engine": "remote",
                  "engine_params": {"base_url": deployed.upstream.base_url, "model": "e"}}
         deploy({"models": [model], "stores": {"redis_url": redis_url, "data_dir": str(data_dir)},
-                "guard": NO_RATE_LIMITS, "cache": {"enabled": False}})
+                "guard": NO_RATE_LIMITS, "cache": {"enabled": False},
+                "placement": {"models": "deployment"}})  # a Model_echo deployment to kill
         base_url = f"{deployed.base_url}{PREFIX}"
 
         def healthy() -> bool:

@@ -31,7 +31,8 @@ def args(deployed: Deployed, data_dir: Path, *, second_model: bool = False) -> d
     echo = {"engine": "remote", "engine_params": {"base_url": deployed.upstream.base_url, "model": "e"}, **PRICE}
     models = [{"name": "echo", **echo}] + ([{"name": "echo-two", **echo}] if second_model else [])
     return {"models": models, "stores": {"redis_url": deployed.redis_url, "data_dir": str(data_dir)},
-            "guard": NO_RATE_LIMITS, "cache": {"enabled": False}, "gateway": {"ledger_flush_interval_s": 0.1}}
+            "guard": NO_RATE_LIMITS, "cache": {"enabled": False}, "gateway": {"ledger_flush_interval_s": 0.1},
+            "placement": {"models": "deployment"}}  # Model_echo scaled on its own
 
 
 def deploy(app_args: dict[str, Any], user_config: dict[str, Any], model_replicas: int = 1) -> None:

@@ -87,3 +87,18 @@ async def test_two_gateway_replicas_share_one_circuit(valkey_url: str, model: st
     await fail(a, model, 2, now=1000)
     assert await fail(b, model, 1, now=1000) == "open"
     assert await a.permission(model, CONFIG, now=1001) == "skip"
+
+
+async def test_a_replica_trusts_a_closed_circuit_for_state_cache_s(valkey_url: str, model: str) -> None:
+    """Healthy traffic asks Redis at most once per ``state_cache_s``; another replica's opening reaches it then."""
+    a, b = CircuitBreakers(redis_client(valkey_url)), CircuitBreakers(redis_client(valkey_url))
+    cached = CONFIG.model_copy(update={"state_cache_s": 5.0})
+    assert await a.permission(model, cached, now=1000) == "allow"  # asked Redis: closed
+    assert await fail(b, model, 3, now=1001) == "open"
+    assert await a.permission(model, cached, now=1004) == "allow"  # within 5 s of its last sight
+    assert await a.permission(model, cached, now=1005.5) == "skip"  # asked again: open
+    uncached = CONFIG.model_copy(update={"state_cache_s": 0.0})
+    other = f"{model}-b"
+    assert await a.permission(other, uncached, now=1000) == "allow"
+    assert await fail(b, other, 3, now=1000) == "open"
+    assert await a.permission(other, uncached, now=1000) == "skip"  # 0: every call asks
