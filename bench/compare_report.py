@@ -105,7 +105,7 @@ def goals(phases: list[Phase]) -> list[str]:
     def get(cell: str, concurrency: int, latency_ms: int = 0, stream: bool = False) -> Phase | None:
         return by_key.get((cell, latency_ms, stream, concurrency))
 
-    for cell in ("raygate", "raygate direct", "raygate haproxy"):
+    for cell in ("raygate", "raygate direct", "raygate haproxy", "raygate haproxy 2 gateways"):
         many = [p for c in (32, 128) for ms in ROUNDS_MS if (p := get(cell, c, ms))]
         if many:
             worst = min(many, key=lambda p: p.rps)

@@ -84,10 +84,16 @@ def raygate_args(upstreams: dict[int, str], redis_url: str, data_dir: str, place
         "cache": {"semantic": {"enabled": False}},
     }
     if placement == "deployments":
-        args["placement"] = {"guard": "deployment", "cost_guard": "deployment", "router": "deployment"}
-    elif placement == "embedded-models":
-        args["placement"] = {"models": "embedded"}
+        args["placement"] = {"guard": "deployment", "cost_guard": "deployment", "router": "deployment",
+                             "models": "deployment"}
+    elif placement == "model-deployments":
+        args["placement"] = {"models": "deployment"}
     return args
+
+
+def gateway_replicas(placement: str) -> int:
+    """Gateway replicas of a ``--serve-raygate`` placement: ``default-x2`` is the default with two."""
+    return 2 if placement.endswith("-x2") else 1
 
 
 async def _wait_serving(url: str, api_key: str) -> None:
@@ -126,8 +132,9 @@ def serve_raygate(placement: str, upstreams: dict[int, str], ready_file: Path) -
         ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False)
         logging_config = {"enable_access_log": False}
         serve.start(http_options={"host": "127.0.0.1", "port": port}, logging_config=logging_config)
-        serve.run(graph.build_app(raygate_args(upstreams, redis_url, data_dir, placement)), name="raygate",
-                  route_prefix="/", logging_config=logging_config)
+        app = graph.build_graph(raygate_args(upstreams, redis_url, data_dir, placement.removesuffix("-x2")),
+                                gateway_options={"num_replicas": gateway_replicas(placement)})
+        serve.run(app, name="raygate", route_prefix="/", logging_config=logging_config)
         store = KeyStore(redis_client(redis_url))
         api_key, _ = await store.create("bench", "bench", "enterprise")
         await store.redis.aclose()

@@ -57,9 +57,12 @@ async def map_handle_errors(component: str, unavailable: type[RaygateError] = Se
 
 async def call(response: Any, timeout_s: float, component: str,
                unavailable: type[RaygateError] = ServiceUnavailableError) -> Any:
-    """Await a ``DeploymentResponse`` within ``timeout_s``, with errors translated."""
-    async with map_handle_errors(component, unavailable):
-        return await asyncio.wait_for(response, timeout_s)
+    """Await a ``DeploymentResponse`` (or an embedded component's coroutine) within ``timeout_s``, errors translated.
+
+    ``asyncio.timeout``, not ``wait_for``: no task per call (Python 3.11's ``wait_for`` makes one).
+    """
+    async with map_handle_errors(component, unavailable), asyncio.timeout(timeout_s):
+        return await response
 
 
 async def next_item(stream: Any, timeout_s: float, component: str,
@@ -69,5 +72,5 @@ async def next_item(stream: Any, timeout_s: float, component: str,
     Raises:
         StopAsyncIteration: the stream ended.
     """
-    async with map_handle_errors(component, unavailable):
-        return await asyncio.wait_for(stream.__anext__(), timeout_s)
+    async with map_handle_errors(component, unavailable), asyncio.timeout(timeout_s):
+        return await stream.__anext__()

@@ -90,15 +90,13 @@ def test_no_secret_in_serve_logs(deployed: Deployed) -> None:
     for status in (400, 401, 500):
         deployed.upstream.fail(status, message=upstream_message)
         chat("echo")()
-    upstream_error_ids = request_ids[-3:]
     send("GET", "/admin/requests", key=deployed.admin_key, params={"tenant": "acme", "limit": 5})
 
     assert statuses[:6] == [200] * 6, statuses
     assert statuses[6:9] == [401, 401, 403], statuses
     # 400 passes the upstream's message on; a refused upstream key is the operator's problem (5xx).
     assert statuses[9] == 400 and statuses[10] in (502, 503) and statuses[11:] == [200, 200], statuses
-    wait_until_logged(request_ids, "Gateway")
-    wait_until_logged(upstream_error_ids, "Model_echo")  # where the upstream's error text arrives
+    wait_until_logged(request_ids, "Gateway")  # remote models run in the Gateway: the upstream errors land here
 
     logs = read_logs()
     assert any(path.name.startswith("replica_") for path in logs), f"no replica logs in {serve_logs_dir()}"
