@@ -22,12 +22,23 @@ def _drop_placeholder_examples(node: Any) -> Any:
     return node
 
 
+HOT_PATHS = ("/v1/chat/completions",)  # matched first: Starlette tries the 80 routes in order
+
+
 class GatewayAPI(FastAPI):
     """FastAPI whose OpenAPI document survives ``@serve.ingress``'s pickled copy of the app.
 
     The copy loses the identity of FastAPI's "unset" sentinel, so every parameter and body
-    would document ``"example": {}``; those placeholders are dropped.
+    would document ``"example": {}``; those placeholders are dropped. Its routes are put in
+    order when the first request builds the middleware stack: ``@serve.ingress`` re-mounts
+    the class's routes after every other one, and a chat request then tried 79 admin routes
+    first (~0.07 ms of CPU each time).
     """
+
+    def build_middleware_stack(self) -> Any:
+        """Starlette's stack, built once per app; the hot routes go first (their paths are unique)."""
+        self.router.routes.sort(key=lambda route: getattr(route, "path", None) not in HOT_PATHS)
+        return super().build_middleware_stack()
 
     def openapi(self) -> dict[str, Any]:
         """The OpenAPI document, without placeholder examples."""
