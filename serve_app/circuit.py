@@ -96,14 +96,16 @@ class CircuitBreakers:
         """Record a call's outcome; return the circuit's state after it."""
         if not config.enabled:
             return "closed"
-        args = [1 if ok else 0, _now(now), config.failure_threshold, config.error_rate_threshold,
+        now = _now(now)
+        args = [1 if ok else 0, now, config.failure_threshold, config.error_rate_threshold,
                 config.min_requests, config.window_s]
         async with map_redis_errors("circuit record"):
             state = str(await self._record(keys=[KEY_PREFIX + model], args=args))
-        self._saw(model, state, config, float(args[1]))
+        self._saw(model, state, config, now)
         return state
 
     def _saw(self, model: str, state: str, config: CircuitBreakerConfig, now: float) -> None:
+        """Remember a sight of ``model``'s circuit: closed is trusted for ``state_cache_s``, anything else not."""
         if state == "closed":
             self._closed_until[model] = now + config.state_cache_s
         else:

@@ -6,8 +6,8 @@ SDK's documented low-level ``client.post(..., cast_to=bytes)``, a streamed one t
 ``client.post(..., stream_cls=AsyncStream[dict])``: the same transport, auth, timeouts,
 SSE parsing and error types, without the typed ``create()``'s parameter transform and
 response models (a third of the Gateway's CPU per request with embedded models; 2.1 ->
-0.9 ms per 16-chunk stream). raygate reads the fields it needs into its own models. The SDK's own retries are off:
-raygate retries and falls back itself, across models. Every SDK call is wrapped in
+0.9 ms per 16-chunk stream). raygate reads the fields it needs into its own models. The
+SDK's own retries are off: raygate retries and falls back itself, across models. Every SDK call is wrapped in
 ``map_openai_errors()`` so only raygate errors leave this module.
 """
 
