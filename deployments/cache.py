@@ -101,9 +101,9 @@ class ResponseCache:
         self.semantic = semantic if config.semantic.enabled else None
         self.prefix = key_prefix
         self._lru, self._meta, self._stats = f"{key_prefix}:lru", f"{key_prefix}:meta", f"{key_prefix}:stats"
-        pipeline = AutoPipeline(self.redis)  # concurrent requests' lookups and stores share round trips
-        self._put = pipeline.register_script(_PUT_LUA)
-        self._get = pipeline.register_script(_GET_LUA)
+        self._pipeline = AutoPipeline(self.redis)  # concurrent requests' lookups and stores share round trips
+        self._put = self._pipeline.register_script(_PUT_LUA)
+        self._get = self._pipeline.register_script(_GET_LUA)
         self.errors = 0  # store failures seen by this replica (also logged)
         self._on_evict = on_evict
         self._counts: dict[str, float] = {}  # this replica's counters not yet in Redis
@@ -251,6 +251,7 @@ class ResponseCache:
             self._flush_timer.cancel()
         await self._flushes.wait(COUNT_FLUSH_S)
         await self.flush()
+        await self._pipeline.close()
         await self.redis.aclose()
 
     def _flush_later(self) -> None:

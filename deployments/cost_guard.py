@@ -303,6 +303,7 @@ class CostGuard:
 
     async def close(self) -> None:
         """Close the Redis connections."""
+        await self._script.pipeline.close()
         await self.redis.aclose()
 
     # -- helpers -------------------------------------------------------------------------------

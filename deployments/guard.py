@@ -249,6 +249,7 @@ class Guard:
 
     async def close(self) -> None:
         """Close the Redis connections."""
+        await self._script.pipeline.close()
         await self.redis.aclose()
 
     # -- helpers -------------------------------------------------------------------------------

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import functools
 import logging
 import re
 from dataclasses import dataclass, field
@@ -33,6 +34,7 @@ from serve_app.placement import Placed
 logger = logging.getLogger(__name__)
 
 SHIPPED_ATTACKS = Path(__file__).parent / "data" / "injection_attacks.txt"
+CACHED_TEXT_CHARS = 4000  # longer texts are scanned each time: 4,096 of them would hold too much memory
 _FLAGS = re.IGNORECASE | re.DOTALL
 _NEAR = r".{0,60}?"
 _RULES: dict[str, list[str]] = {
@@ -188,6 +190,17 @@ def match_patterns(text: str) -> list[str]:
             if any(p.search(v) for p in patterns for v in variants)]
 
 
+@functools.lru_cache(maxsize=4096)
+def _cached_rules(text: str) -> tuple[str, ...]:
+    return tuple(match_patterns(text))
+
+
+def pattern_rules(text: str) -> list[str]:
+    """``match_patterns``, remembered for recent texts up to ``CACHED_TEXT_CHARS`` (a repeated prompt, a
+    cache hit, a retried request: ~0.1 ms of regexes each time for a short prompt, more for a long one)."""
+    return list(_cached_rules(text)) if len(text) <= CACHED_TEXT_CHARS else match_patterns(text)
+
+
 def chunks(text: str, size: int, limit: int) -> list[str]:
     """Sentence-aligned chunks of about ``size`` characters (the last ``limit`` of them)."""
     sentences = [s.strip() for s in re.split(r"(?<=[.!?。！？\n])\s+", text) if s.strip()]
@@ -228,7 +241,7 @@ class InjectionDetector:
 
     async def inspect(self, text: str) -> Verdict:
         """Run both detectors over the user's text."""
-        verdict = Verdict(rules=match_patterns(text) if self.config.patterns else [])
+        verdict = Verdict(rules=pattern_rules(text) if self.config.patterns else [])
         if self.embedder is not None and text.strip():
             try:
                 verdict.similarity = await self.similarity(text)

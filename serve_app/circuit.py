@@ -74,9 +74,9 @@ class CircuitBreakers:
 
     def __init__(self, redis: aioredis.Redis) -> None:
         self.redis = redis
-        pipeline = AutoPipeline(redis)  # concurrent requests' checks and records share round trips
-        self._allow = pipeline.register_script(_ALLOW)
-        self._record = pipeline.register_script(_RECORD)
+        self._pipeline = AutoPipeline(redis)  # concurrent requests' checks and records share round trips
+        self._allow = self._pipeline.register_script(_ALLOW)
+        self._record = self._pipeline.register_script(_RECORD)
         self._closed_until: dict[str, float] = {}  # by model: when this replica's sight of "closed" expires
 
     async def permission(self, model: str, config: CircuitBreakerConfig, now: float | None = None) -> Permission:
@@ -110,6 +110,10 @@ class CircuitBreakers:
             self._closed_until[model] = now + config.state_cache_s
         else:
             self._closed_until.pop(model, None)
+
+    async def close(self) -> None:
+        """Close the pipeline's connection (the client is the caller's)."""
+        await self._pipeline.close()
 
     async def state(self, model: str) -> dict[str, str]:
         """Return a circuit's stored fields (state, counters), for admin views and tests."""

@@ -171,9 +171,11 @@ class Dispatcher:
         return first, stream
 
     async def close(self) -> None:
-        """Close the embedded models' engines (a deployment closes its own)."""
+        """Close the embedded models' engines (a deployment closes its own) and the circuits' connection."""
         for model in self.models.values():
             await model.close()
+        if self.circuits is not None:
+            await self.circuits.close()
 
     async def _permission(self, model: ModelConfig) -> Permission:
         if self.circuits is None:

@@ -6,6 +6,11 @@ timed read, a wake-up. ``AutoPipeline`` queues every command and has one drain t
 what queued up while the previous pipeline was in flight, so at 32 clients a command costs
 its packing and parsing and little else; a lone command goes out on the next loop turn, as
 before. Replies come back in order; one command's error reaches only its caller.
+
+One pipeline at a time needs one connection: the pipeline owns it (no pool checkout) and
+bounds each whole round trip with one deadline instead of a timer per reply. A connection
+found dead (Redis restarted) is replaced and the batch sent once more, as the pooled
+client's retry does.
 """
 
 from __future__ import annotations
@@ -15,20 +20,32 @@ from typing import Any
 
 import redis.asyncio as aioredis
 import redis.exceptions
+from redis.asyncio.connection import AbstractConnection
 from redis.commands.core import AsyncScript
 
+from serve_app.constants import REDIS_TIMEOUT_S
+
 MAX_BATCH = 256  # commands in one pipeline: bounds the write and the wait of the first caller
+RECONNECT_DELAY_S = 0.05
 
 
 class AutoPipeline:
     """Queue Redis commands and send them in pipelines (no MULTI: each command stays atomic on its own).
 
+    Replies are Redis's own (decoded as ``redis`` decodes), without redis-py's per-command
+    response callbacks: scripts' replies, which have none, are the same either way.
+
     Args:
-        redis: the client whose pool the pipelines use (its timeouts and retry apply per pipeline).
+        redis: the client whose server and settings the pipeline's own connection copies (and
+            which loads scripts).
+        timeout_s: the deadline of one round trip (a pipeline written and all its replies read).
     """
 
-    def __init__(self, redis: aioredis.Redis) -> None:
+    def __init__(self, redis: aioredis.Redis, timeout_s: float = REDIS_TIMEOUT_S) -> None:
         self.redis = redis
+        self.timeout_s = timeout_s
+        pool = redis.connection_pool
+        self._conn: AbstractConnection = pool.connection_class(**{**pool.connection_kwargs, "socket_timeout": None})
         self._queue: list[tuple[tuple[Any, ...], asyncio.Future[Any]]] = []
         self._drain: asyncio.Task[None] | None = None
         self._loading: dict[str, asyncio.Future[Any]] = {}  # by SHA: concurrent NOSCRIPTs load it once
@@ -70,13 +87,7 @@ class AutoPipeline:
 
     async def _send(self, batch: list[tuple[tuple[Any, ...], asyncio.Future[Any]]]) -> None:
         try:
-            if len(batch) == 1:  # alone: a plain command costs less than a pipeline of one
-                replies = [await _reply(self.redis, batch[0][0])]
-            else:
-                async with self.redis.pipeline(transaction=False) as pipe:
-                    for args, _ in batch:
-                        pipe.execute_command(*args)
-                    replies = await pipe.execute(raise_on_error=False)
+            replies = await self._round_trip([args for args, _ in batch])
         except Exception as exc:  # the connection failed: every caller of the batch gets it
             for _, future in batch:
                 if not future.done():
@@ -94,6 +105,47 @@ class AutoPipeline:
             else:
                 future.set_result(reply)
 
+    async def _round_trip(self, commands: list[tuple[Any, ...]]) -> list[Any]:
+        """Write the commands, read every reply (a Redis error as a value); one retry on a dead connection."""
+        try:
+            async with asyncio.timeout(self.timeout_s):
+                try:
+                    return await self._write_and_read(commands)
+                except _NothingRead:  # a dead connection ran none of them: a fresh one runs them once
+                    await self._conn.disconnect()
+                    await asyncio.sleep(RECONNECT_DELAY_S)
+                    return await self._write_and_read(commands)
+        except TimeoutError as exc:
+            await self._conn.disconnect(nowait=True)  # replies may still be on their way: start clean
+            raise redis.exceptions.TimeoutError(f"Redis did not answer in {self.timeout_s} s") from exc
+        except BaseException:
+            await self._conn.disconnect(nowait=True)
+            raise
+
+    async def _write_and_read(self, commands: list[tuple[Any, ...]]) -> list[Any]:
+        replies: list[Any] = []
+        try:
+            await self._conn.connect()  # at once when connected
+            await self._conn.send_packed_command(self._conn.pack_commands(commands), check_health=False)
+            for _ in commands:
+                try:
+                    replies.append(await self._conn.read_response())
+                except redis.exceptions.ResponseError as exc:
+                    replies.append(exc)
+        except (redis.exceptions.ConnectionError, OSError) as exc:
+            if not replies:
+                raise _NothingRead() from exc
+            raise
+        return replies
+
+    async def close(self) -> None:
+        """Close the pipeline's connection."""
+        await self._conn.disconnect()
+
+
+class _NothingRead(redis.exceptions.ConnectionError):
+    """The connection failed before any reply of the batch was read."""
+
 
 class PipelinedScript:
     """A registered script whose calls go through an ``AutoPipeline`` (see ``AutoPipeline.register_script``)."""
@@ -105,10 +157,3 @@ class PipelinedScript:
     async def __call__(self, keys: list[Any] | None = None, args: list[Any] | None = None) -> Any:
         return await self.pipeline.script(self.script, list(keys or ()), list(args or ()))
 
-
-async def _reply(client: aioredis.Redis, args: tuple[Any, ...]) -> Any:
-    """One command's reply, or its Redis error as a value (as a pipeline returns it)."""
-    try:
-        return await client.execute_command(*args)
-    except redis.exceptions.ResponseError as exc:
-        return exc

@@ -9,6 +9,7 @@ from typing import Any
 import pytest
 import redis.asyncio as aioredis
 from redis.exceptions import ConnectionError as RedisConnectionError, ResponseError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from serve_app.pipelining import AutoPipeline
 from serve_app.stores import redis_client
@@ -45,7 +46,7 @@ async def test_concurrent_scripts_share_pipelines_and_keep_their_replies(redis: 
 async def test_a_lone_command_goes_out_alone(redis: aioredis.Redis) -> None:
     pipeline = Counted(redis)
     key = fresh()
-    assert await pipeline.execute("SET", key, "v") is True
+    assert await pipeline.execute("SET", key, "v") == "OK"  # Redis's reply, no redis-py callback
     assert await pipeline.execute("GET", key) == "v"
     assert pipeline.batches == [1, 1]
 
@@ -97,3 +98,32 @@ async def test_an_unreachable_redis_fails_every_caller_of_the_batch() -> None:
             await pipeline.execute("GET", "k")
     finally:
         await dead.aclose()
+
+
+async def test_a_killed_connection_is_replaced_and_the_batch_runs_once(redis: aioredis.Redis) -> None:
+    """Redis dropped the pipeline's connection (a restart does): a fresh one sends the batch, once."""
+    pipeline = AutoPipeline(redis)
+    key = fresh()
+    connection_id = await pipeline.execute("CLIENT", "ID")
+    await redis.execute_command("CLIENT", "KILL", "ID", connection_id)
+    assert await asyncio.gather(pipeline.execute("INCR", key), pipeline.execute("INCR", key)) == [1, 2]
+    assert await redis.get(key) == "2"
+    assert await pipeline.execute("CLIENT", "ID") != connection_id
+    await pipeline.close()
+
+
+async def test_a_silent_redis_times_out_within_the_deadline() -> None:
+    """A server that accepts and never answers: the callers get Redis's TimeoutError after ``timeout_s``."""
+    silent = await asyncio.start_server(lambda reader, writer: None, "127.0.0.1", 0)
+    port = silent.sockets[0].getsockname()[1]
+    client = redis_client(f"redis://127.0.0.1:{port}/0")
+    pipeline = AutoPipeline(client, timeout_s=0.3)
+    started = asyncio.get_running_loop().time()
+    try:
+        results = await asyncio.gather(*(pipeline.execute("GET", "k") for _ in range(3)), return_exceptions=True)
+        assert all(isinstance(r, RedisTimeoutError) for r in results), results
+        assert asyncio.get_running_loop().time() - started < 2.0
+    finally:
+        await pipeline.close()
+        await client.aclose()
+        silent.close()
