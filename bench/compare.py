@@ -19,7 +19,7 @@ no GIL with the load) answer after 0 ms and after 50 ms; every cell below is mea
   the Gateway replica's direct-ingress port (its CPU is role ``haproxy``); ``raygate haproxy 2
   gateways``: the same with two Gateway replicas, HAProxy balancing between them;
 * ``raygate deployments`` / ``... direct``: every component as its own deployment (``placement:
-  {guard, cost_guard, router, models: deployment}``);
+  {guard, cost_guard, router, cache, models: deployment}``);
 * ``raygate model deployments haproxy``: the default placement but ``placement.models: deployment``
   (each remote model its own ``Model_`` deployment, one Serve hop per call), through HAProxy;
 * ``raygate cache hit`` / ``... direct``: one request repeated (exact-cache hits; 0 ms round only,

