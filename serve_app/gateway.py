@@ -242,7 +242,7 @@ class Gateway:
                 raise refused
         body = capped_request(body, decision)
         plan = self.cache.plan(body, key.tenant, model.name, request.headers.get("cache-control"), record.template)
-        if plan.lookup and (hit := await self.cached("lookup", plan)) is not None:
+        if plan.lookup and (hit := await self._cache_lookup(plan)) is not None:
             return brief.tag(self._serve_hit(hit, body, record, model, started, limits, extension))
         record.cache_status = plan.status
         try:
@@ -297,6 +297,15 @@ class Gateway:
                    **limits.headers(), **({FLAGS_HEADER: record.flags} if record.flags else {}),
                    **self._route_headers(record)}
         return cached_answer(hit, record.id, body.stream, body.include_usage(), headers, extension)
+
+    async def _cache_lookup(self, plan: CachePlan) -> CacheHit | None:
+        """A lookup in either placement: a Cache deployment that cannot answer is a bypass, as Redis failing is."""
+        try:
+            return await self.cached("lookup", plan)
+        except RaygateError as exc:
+            logger.warning("Cache bypassed: the Cache deployment failed (%s)", type(exc).__name__)
+            plan.status = "bypass"
+            return None
 
     def _cache_store(self, plan: CachePlan, content: str | None, finish_reason: Any, model: ModelConfig,
                      usage: UsageInfo, record: RequestRecord, category: str | None) -> None:
