@@ -28,6 +28,7 @@ from typing import Any
 
 import numpy as np
 
+from serve_app.errors import InvalidRequestError
 from serve_app.guard_config import InjectionConfig
 from serve_app.placement import Placed
 
@@ -238,6 +239,22 @@ class InjectionDetector:
     def action(self, tenant: str) -> str:
         """flag, block or off for this tenant."""
         return self.config.tenant_actions.get(tenant, self.config.action) if self.config.enabled else "off"
+
+    async def screen(self, tenant: str, messages: list[Any]) -> Verdict | None:
+        """Inspect a request's user text, unless the tenant turned the detector off (None)."""
+        if self.action(tenant) == "off":
+            return None
+        return await self.inspect(user_text(messages))
+
+    def flags(self, tenant: str, verdict: Verdict | None) -> str | None:
+        """The flags to record and send; a tenant that blocks injections gets a 400 naming the rules."""
+        if verdict is None or not verdict.flagged:
+            return None
+        if self.action(tenant) == "block":
+            raise InvalidRequestError(
+                f"The prompt was rejected: it looks like a prompt injection ({', '.join(verdict.rules)}).",
+                param="messages", code="prompt_rejected")
+        return verdict.header()
 
     async def inspect(self, text: str) -> Verdict:
         """Run both detectors over the user's text."""

@@ -25,7 +25,7 @@ from deployments.cache_protocol import CACHE_HEADER, CATEGORY_HEADER, CacheHit, 
 from deployments.cost_guard import CostGuard
 from deployments.guard import Guard, check_request_size
 from deployments.guard_protocol import GuardDecision
-from deployments.injection import InjectionDetector, Verdict, user_text
+from deployments.injection import InjectionDetector
 from deployments.router import RoutePlan, Router
 from deployments.ledger import LedgerBuffer, RequestRecord
 from deployments.privacy import Content
@@ -49,7 +49,6 @@ from serve_app.constants import (
 )
 from serve_app.errors import (
     ErrorResponse,
-    InvalidRequestError,
     ModelNotFoundError,
     RaygateError,
     UpstreamUnavailableError,
@@ -203,7 +202,7 @@ class Gateway:
         default_tokens = model.default_max_tokens if model else max(m.default_max_tokens for m in self.config.models)
         estimated_tokens = estimate_prompt_tokens(body) + body.max_output_tokens(default_tokens)
         # The injection check (an Embedder call) runs alongside the limit checks and the reservation.
-        inspection = asyncio.ensure_future(self._inspect(key, body))
+        inspection = asyncio.ensure_future(self.injection.screen(key.tenant, body.messages))
         try:
             check_request_size(self.config.guard, body)
             limits: GuardDecision = await self.guard("check", key, estimated_tokens)
@@ -220,7 +219,7 @@ class Gateway:
             raise
         grounding: Grounding | None = None
         try:
-            record.flags = self._judge(key, await inspection)
+            record.flags = self.injection.flags(key.tenant, await inspection)
             if body.template is not None:
                 template = await self.templates.get(body.template, template_version)
                 memory = await self.templates.memory(key, template, self.config.memory.enabled)
@@ -341,22 +340,6 @@ class Gateway:
     @staticmethod
     def _route_headers(record: RequestRecord) -> dict[str, str]:
         return {ROUTE_HEADER: record.route} if record.route else {}
-
-    async def _inspect(self, key: APIKey, body: ChatCompletionRequest) -> Verdict | None:
-        """Run the injection detector on the user's text, unless the tenant turned it off."""
-        if self.injection.action(key.tenant) == "off":
-            return None
-        return await self.injection.inspect(user_text(body.messages))
-
-    def _judge(self, key: APIKey, verdict: Verdict | None) -> str | None:
-        """The flags to record and send; a tenant that blocks injections gets a 400 naming the rule."""
-        if verdict is None or not verdict.flagged:
-            return None
-        if self.injection.action(key.tenant) == "block":
-            raise InvalidRequestError(
-                f"The prompt was rejected: it looks like a prompt injection ({', '.join(verdict.rules)}).",
-                param="messages", code="prompt_rejected")
-        return verdict.header()
 
     def _correct_tokens(self, key: APIKey, usage: UsageInfo | None, estimated: int = 0,
                         checked_at: float | None = None) -> None:
