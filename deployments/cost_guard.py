@@ -44,7 +44,6 @@ import orjson
 
 from deployments.cost_guard_config_store import CostConfigStore
 from deployments.cost_guard_lua import COST_GUARD_LUA
-from serve_app.pipelining import AutoPipeline
 from deployments.cost_guard_periods import Window, midnight, period_window
 from deployments.cost_guard_protocol import (
     NANO_USD, PLAN_QUOTA, BudgetStatus, Outcome, Reason, ReserveDecision, ReserveRequest, SettleResult,
@@ -53,6 +52,7 @@ from deployments.cost_guard_protocol import (
 from serve_app.auth import Plan
 from serve_app.config_base import base_model_name
 from serve_app.cost_config import BudgetConfig, BudgetPeriod, CostGuardConfig, PlanConfig, PlansConfig
+from serve_app.pipelining import AutoPipeline
 from serve_app.stores import map_redis_errors, redis_client
 
 logger = logging.getLogger(__name__)

@@ -31,9 +31,9 @@ from deployments.guard_protocol import (
     WINDOW_S, Anomaly, Block, GuardDecision, Reason, remaining, reset_s, usage, wait_s,
 )
 from serve_app.auth import APIKey
-from serve_app.pipelining import AutoPipeline
 from serve_app.errors import InvalidRequestError, NotFoundError
 from serve_app.guard_config import GuardConfig
+from serve_app.pipelining import AutoPipeline
 from serve_app.protocol import ChatCompletionRequest
 from serve_app.stores import map_redis_errors, redis_client
 

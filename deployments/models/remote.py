@@ -7,8 +7,8 @@ SDK's documented low-level ``client.post(..., cast_to=bytes)``, a streamed one t
 SSE parsing and error types, without the typed ``create()``'s parameter transform and
 response models (a third of the Gateway's CPU per request with embedded models; 2.1 ->
 0.9 ms per 16-chunk stream). raygate reads the fields it needs into its own models. The
-SDK's own retries are off: raygate retries and falls back itself, across models. Every SDK call is wrapped in
-``map_openai_errors()`` so only raygate errors leave this module.
+SDK's own retries are off: raygate retries and falls back itself, across models. Every
+SDK call is wrapped in ``map_openai_errors()`` so only raygate errors leave this module.
 """
 
 from __future__ import annotations
@@ -55,6 +55,14 @@ def _content(message: ChatMessage) -> str | list[dict[str, Any]]:
     if not message.images() or not isinstance(message.content, list):
         return message.text()
     return [part.model_dump(mode="json", exclude_unset=True) for part in message.content]
+
+
+def _usage(body: dict[str, Any]) -> UsageInfo | None:
+    """The ``usage`` an upstream's completion or chunk reports, if any."""
+    counted = body.get("usage")
+    if not isinstance(counted, dict) or counted.get("prompt_tokens") is None:
+        return None
+    return UsageInfo.of(int(counted["prompt_tokens"]), int(counted.get("completion_tokens") or 0))
 
 
 def _finish_reason(value: str | None) -> FinishReason:
@@ -138,11 +146,7 @@ class RemoteEngine(SDKClientMixin, Engine):
         choices = completion.get("choices") or [{}]
         choice = choices[0] if isinstance(choices[0], dict) else {}
         content = (choice.get("message") or {}).get("content") or ""
-        counted = completion.get("usage")
-        if isinstance(counted, dict) and "prompt_tokens" in counted:
-            usage = UsageInfo.of(int(counted["prompt_tokens"]), int(counted.get("completion_tokens") or 0))
-        else:
-            usage = await self._estimate_usage(request, content)
+        usage = _usage(completion) or await self._estimate_usage(request, content)
         return ChatCompletionResponse(
             id=str(completion.get("id") or new_id("chatcmpl")),
             created=int(completion.get("created") or time.time()),
@@ -168,8 +172,7 @@ class RemoteEngine(SDKClientMixin, Engine):
                                    stream_cls=openai.AsyncStream[dict[str, Any]])  # chunks as plain dicts
         async with stream:
             async for upstream_chunk in stream:
-                if isinstance(counted := upstream_chunk.get("usage"), dict) and "prompt_tokens" in counted:
-                    usage = UsageInfo.of(int(counted["prompt_tokens"]), int(counted.get("completion_tokens") or 0))
+                usage = _usage(upstream_chunk) or usage
                 for choice in (upstream_chunk.get("choices") or [])[:1]:
                     text = (choice.get("delta") or {}).get("content")
                     if text:
