@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
+import random
+from collections import deque
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -56,3 +59,70 @@ def count_prompt_words(body: dict[str, Any]) -> int:
     """Return the fake's prompt token count: whitespace words of all message contents, ``IMAGE_TOKENS`` an image."""
     messages = [m for m in body.get("messages") or () if isinstance(m, dict)]
     return sum(len(_text_of(m.get("content")).split()) + IMAGE_TOKENS * _images_of(m.get("content")) for m in messages)
+
+
+class FaultQueue:
+    """The faults a fake upstream applies, queued from Python (or ``/_control``), or drawn by chaos."""
+
+    def __init__(self) -> None:
+        self.faults: deque[Fault] = deque()
+        self._chaos: tuple[float, random.Random, list[Fault]] = (0.0, random.Random(0), [])
+
+    def add_fault(self, fault: Fault) -> None:
+        """Queue a fault; requests take faults from the head of the queue."""
+        self.faults.append(fault)
+
+    def fail(self, status: int = 500, *, times: int | None = 1, retry_after_s: float | None = None,
+             message: str = "fake upstream failure") -> None:
+        """Answer the next ``times`` requests with ``status`` (and ``Retry-After`` when given)."""
+        self.add_fault(Fault("status", times, status=status, message=message, retry_after_s=retry_after_s))
+
+    def hang(self, *, times: int | None = 1, seconds: float = DEFAULT_HANG_S) -> None:
+        """Sleep ``seconds`` before any header of the next ``times`` requests (``stop()`` wakes them)."""
+        self.add_fault(Fault("hang", times, hang_s=seconds))
+
+    def drop_stream(self, *, after_chunks: int = 2, times: int | None = 1) -> None:
+        """Close the connection after ``after_chunks`` SSE frames of the next ``times`` requests."""
+        self.add_fault(Fault("drop", times, after_chunks=after_chunks))
+
+    def omit_usage(self, *, times: int | None = 1) -> None:
+        """Answer the next ``times`` requests without any usage."""
+        self.add_fault(Fault("no_usage", times))
+
+    def garble(self, *, times: int | None = 1) -> None:
+        """Answer the next ``times`` non-streamed requests 200 with a body that is not JSON (a broken proxy)."""
+        self.add_fault(Fault("not_json", times))
+
+    def stream_error(self, status: int = 529, *, after_chunks: int = 3, times: int | None = 1,
+                     message: str = "fake upstream failure") -> None:
+        """Send an Anthropic ``error`` event (the type of ``status``) after ``after_chunks`` events."""
+        self.add_fault(Fault("stream_error", times, status=status, message=message, after_chunks=after_chunks))
+
+    def chaos(self, rate: float, *, seed: int = 0, hang_s: float = 5.0) -> None:
+        """Give each request, with probability ``rate``, one random fault: 500, 502, 503, 429, a hang, a drop.
+
+        Queued faults still come first. ``rate=0`` turns chaos off.
+        """
+        rng = random.Random(seed)
+        kinds = [Fault("status", 1, status=500), Fault("status", 1, status=502), Fault("status", 1, status=503),
+                 Fault("status", 1, status=429, retry_after_s=0), Fault("hang", 1, hang_s=hang_s),
+                 Fault("drop", 1, after_chunks=0)]
+        self._chaos = (rate, rng, kinds)
+
+    def _take_fault(self) -> Fault | None:
+        if not self.faults:
+            rate, rng, kinds = self._chaos
+            if rate > 0 and rng.random() < rate:
+                return dataclasses.replace(rng.choice(kinds))
+            return None
+        fault = self.faults[0]
+        if fault.times is not None:
+            fault.times -= 1
+            if fault.times <= 0:
+                self.faults.popleft()
+        return fault
+
+    def clear_faults(self) -> None:
+        """Drop the queued faults and turn chaos off."""
+        self.faults.clear()
+        self._chaos = (0.0, random.Random(0), [])

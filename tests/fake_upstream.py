@@ -21,8 +21,8 @@ assert what an engine reports and benchmarks measure raygate, not a model:
   system message asks for brevity). Synthetic, but deterministic.
 
 Faults are queued at run time, from Python (``fail``, ``hang``, ``drop_stream``,
-``omit_usage``, ``stream_error``) or with ``POST /_control``; each request takes the
-fault at the head of the queue, whichever route it calls. Status faults have each
+``omit_usage``, ``garble``, ``stream_error``, ``chaos``: ``tests.fake_common.FaultQueue``) or with
+``POST /_control``; each request takes the fault at the head of the queue, whichever route it calls. Status faults have each
 API's error body (``{"error": {...}}`` or ``{"type": "error", "error": {...}}``).
 What the upstream saw (count, last body, last headers) is kept on the instance and
 served by ``GET /_control``.
@@ -49,11 +49,8 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import dataclasses
-import random
 import logging
 import threading
-from collections import deque
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import asdict
 from typing import Any, Literal
@@ -73,13 +70,13 @@ from tests.fake_anthropic import (
     anthropic_error_type,
     count_input_words,
 )
-from tests.fake_common import DEFAULT_HANG_S, Fault, count_prompt_words
+from tests.fake_common import Fault, FaultQueue, count_prompt_words
 from tests.fake_openai import JUDGE_PREFIX, _Answer, _usage, budget_words, judge_answer
 
 logger = logging.getLogger(__name__)
 
 DEFAULT_WORDS = 16
-class FakeUpstream:
+class FakeUpstream(FaultQueue):
     """A deterministic OpenAI-compatible server with run-time fault injection.
 
     Args:
@@ -95,8 +92,7 @@ class FakeUpstream:
         self.words = words
         self.lengths = lengths
         self.base_url = ""
-        self.faults: deque[Fault] = deque()
-        self._chaos: tuple[float, random.Random, list[Fault]] = (0.0, random.Random(0), [])
+        super().__init__()
         self.request_count = 0
         self.last_path: str | None = None
         self.last_body: dict[str, Any] | None = None
@@ -121,68 +117,11 @@ class FakeUpstream:
         auth = headers.get("authorization", "")
         return auth.removeprefix("Bearer ") if auth else headers.get("x-api-key")
 
-    # -- faults ------------------------------------------------------------------
-
-    def add_fault(self, fault: Fault) -> None:
-        """Queue a fault; requests take faults from the head of the queue."""
-        self.faults.append(fault)
-
-    def fail(self, status: int = 500, *, times: int | None = 1, retry_after_s: float | None = None,
-             message: str = "fake upstream failure") -> None:
-        """Answer the next ``times`` requests with ``status`` (and ``Retry-After`` when given)."""
-        self.add_fault(Fault("status", times, status=status, message=message, retry_after_s=retry_after_s))
-
-    def hang(self, *, times: int | None = 1, seconds: float = DEFAULT_HANG_S) -> None:
-        """Sleep ``seconds`` before any header of the next ``times`` requests (``stop()`` wakes them)."""
-        self.add_fault(Fault("hang", times, hang_s=seconds))
-
-    def drop_stream(self, *, after_chunks: int = 2, times: int | None = 1) -> None:
-        """Close the connection after ``after_chunks`` SSE frames of the next ``times`` requests."""
-        self.add_fault(Fault("drop", times, after_chunks=after_chunks))
-
-    def omit_usage(self, *, times: int | None = 1) -> None:
-        """Answer the next ``times`` requests without any usage."""
-        self.add_fault(Fault("no_usage", times))
-
-    def garble(self, *, times: int | None = 1) -> None:
-        """Answer the next ``times`` non-streamed requests 200 with a body that is not JSON (a broken proxy)."""
-        self.add_fault(Fault("not_json", times))
-
-    def stream_error(self, status: int = 529, *, after_chunks: int = 3, times: int | None = 1,
-                     message: str = "fake upstream failure") -> None:
-        """Send an Anthropic ``error`` event (the type of ``status``) after ``after_chunks`` events."""
-        self.add_fault(Fault("stream_error", times, status=status, message=message, after_chunks=after_chunks))
-
     def reset(self) -> None:
         """Clear the faults (chaos included) and what was recorded."""
-        self.faults.clear()
-        self._chaos = (0.0, random.Random(0), [])
+        self.clear_faults()
         self.request_count = 0
         self.last_path = self.last_body = self._last_headers = None
-
-    def chaos(self, rate: float, *, seed: int = 0, hang_s: float = 5.0) -> None:
-        """Give each request, with probability ``rate``, one random fault: 500, 502, 503, 429, a hang, a drop.
-
-        Queued faults still come first. ``rate=0`` turns chaos off.
-        """
-        rng = random.Random(seed)
-        kinds = [Fault("status", 1, status=500), Fault("status", 1, status=502), Fault("status", 1, status=503),
-                 Fault("status", 1, status=429, retry_after_s=0), Fault("hang", 1, hang_s=hang_s),
-                 Fault("drop", 1, after_chunks=0)]
-        self._chaos = (rate, rng, kinds)
-
-    def _take_fault(self) -> Fault | None:
-        if not self.faults:
-            rate, rng, kinds = self._chaos
-            if rate > 0 and rng.random() < rate:
-                return dataclasses.replace(rng.choice(kinds))
-            return None
-        fault = self.faults[0]
-        if fault.times is not None:
-            fault.times -= 1
-            if fault.times <= 0:
-                self.faults.popleft()
-        return fault
 
     # -- lifecycle ---------------------------------------------------------------
 
