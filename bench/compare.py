@@ -245,15 +245,6 @@ async def run_phase(target: Target, latency_ms: int, stream: bool, concurrency: 
 # -- orchestration ---------------------------------------------------------------------------------
 
 
-def wait_quiet(max_load: float, wait_s: float) -> tuple[float, bool]:
-    """Poll the 1-minute load average until it is below ``max_load`` (at most ``wait_s``); return it."""
-    deadline = time.monotonic() + wait_s
-    while (load := os.getloadavg()[0]) >= max_load and time.monotonic() < deadline:
-        print(f"load average {load:.2f} >= {max_load}: waiting ...", flush=True)
-        time.sleep(15)
-    return load, load < max_load
-
-
 async def measure(target: Target, load: Load, upstream_pids: dict[int, int], counter: Counter,
                   phases: list[Phase]) -> None:
     """Every phase of one cell: each of its rounds, non-streaming then streaming, each concurrency."""
@@ -338,22 +329,6 @@ ALL_CELLS = ("upstream", "raygate", "raygate direct", "raygate cache hit", "rayg
              "litellm 1w", "litellm 2w")
 
 
-def machine() -> str:
-    """Cores, memory, Python and Ray, in a phrase."""
-    import platform
-
-    import psutil
-
-    try:
-        from importlib.metadata import version
-
-        ray_version = version("ray")
-    except Exception:  # noqa: BLE001 - only for the description
-        ray_version = "?"
-    return (f"{os.cpu_count()} CPU cores, {psutil.virtual_memory().total / 2**30:.0f} GiB RAM, "
-            f"Python {platform.python_version()}, Ray {ray_version}")
-
-
 def main(argv: list[str] | None = None) -> int:
     """Parse the options; run the comparison (or serve raygate, or report a saved run)."""
     parser = argparse.ArgumentParser(prog="python -m bench.compare", description=__doc__.split("\n\n")[0])
@@ -381,6 +356,8 @@ def main(argv: list[str] | None = None) -> int:
         saved = json.loads(Path(args.from_json).read_text())
         report([Phase(**p) for p in saved["phases"]], saved["meta"], not args.no_write)
         return 0
+    from bench.harness import machine, wait_quiet  # psutil: not needed to redraw a saved run
+
     cells = {c.strip() for c in args.cells.split(",") if c.strip()}
     if unknown := cells - set(ALL_CELLS):
         parser.error(f"unknown cells: {', '.join(sorted(unknown))} (known: {', '.join(ALL_CELLS)})")

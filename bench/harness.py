@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import math
+import os
 import socket
 import subprocess
 import sys
@@ -140,3 +141,28 @@ def replica_actors(app: str, deployment: str) -> dict[str, str]:
 
     marker = f"::{app}#{deployment}#"
     return {a["name"]: a["namespace"] for a in ray.util.list_named_actors(all_namespaces=True) if marker in a["name"]}
+
+
+def wait_quiet(max_load: float, wait_s: float) -> tuple[float, bool]:
+    """Poll the 1-minute load average until it is below ``max_load`` (at most ``wait_s``); return it."""
+    deadline = time.monotonic() + wait_s
+    while (load := os.getloadavg()[0]) >= max_load and time.monotonic() < deadline:
+        print(f"load average {load:.2f} >= {max_load}: waiting ...", flush=True)
+        time.sleep(15)
+    return load, load < max_load
+
+
+def machine() -> str:
+    """Cores, memory, Python and Ray, in a phrase."""
+    import platform
+
+    import psutil
+
+    try:
+        from importlib.metadata import version
+
+        ray_version = version("ray")
+    except Exception:  # noqa: BLE001 - only for the description
+        ray_version = "?"
+    return (f"{os.cpu_count()} CPU cores, {psutil.virtual_memory().total / 2**30:.0f} GiB RAM, "
+            f"Python {platform.python_version()}, Ray {ray_version}")
