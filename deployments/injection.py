@@ -140,6 +140,8 @@ _RULES: dict[str, list[str]] = {
 }
 _COMPILED = {rule: [re.compile(p, _FLAGS) for p in patterns] for rule, patterns in _RULES.items()}
 _LEET = str.maketrans({"0": "o", "1": "i", "3": "e", "4": "a", "5": "s", "7": "t", "@": "a", "$": "s", "!": "i"})
+_LEET_CHARS = frozenset("013457@$!")
+_WORD = re.compile(r"[\w@$!]*[^\W\d_][\w@$!]*")  # a run of word and leet characters with a letter in it
 _SPACED = re.compile(r"\b(?:\w ){3,}\w\b")  # "i g n o r e"
 _JOINERS = re.compile(r"(?<=\w)[._*\-](?=\w)")  # "I.g.n.o.r.e", "in-struc-tions"
 _HEX = re.compile(r"\b(?:[0-9a-fA-F]{2}){8,}\b")
@@ -180,7 +182,20 @@ def deobfuscate(text: str) -> str:
             continue
         if plain.isprintable():
             decoded.append(plain)
-    return "\n".join([joined.translate(_LEET), *decoded])
+    return "\n".join([_WORD.sub(_unleet, joined), *decoded])
+
+
+def _unleet(match: re.Match[str]) -> str:
+    """A word with its leetspeak undone ("1gn0re" -> "ignore"), where it mixes letters and leet characters.
+
+    Numbers ("2024", "5") and a closing "!" stay as they are, so most text that has
+    nothing to undo stays equal to the original and is scanned once, not twice.
+    """
+    word = match.group(0)
+    core = word.rstrip("!")
+    if _LEET_CHARS.isdisjoint(core):
+        return word
+    return core.translate(_LEET) + word[len(core):]
 
 
 def match_patterns(text: str) -> list[str]:
