@@ -141,9 +141,10 @@ _RULES: dict[str, list[str]] = {
 _COMPILED = {rule: [re.compile(p, _FLAGS) for p in patterns] for rule, patterns in _RULES.items()}
 _LEET = str.maketrans({"0": "o", "1": "i", "3": "e", "4": "a", "5": "s", "7": "t", "@": "a", "$": "s", "!": "i"})
 _LEET_CHARS = frozenset("013457@$!")
+_HEX_WORD = re.compile(r"[0-9a-fA-F]+")  # an ID or a hash ("3f9a2c"), not leetspeak
 _WORD = re.compile(r"[\w@$!]*[^\W\d_][\w@$!]*")  # a run of word and leet characters with a letter in it
 _SPACED = re.compile(r"\b(?:\w ){3,}\w\b")  # "i g n o r e"
-_JOINERS = re.compile(r"(?<=\w)[._*\-](?=\w)")  # "I.g.n.o.r.e", "in-struc-tions"
+_JOINERS = re.compile(r"(?<=[^\W\d_])[._*\-](?=[^\W\d_])")  # "I.g.n.o.r.e", "in-struc-tions"; not "2024-05"
 _HEX = re.compile(r"\b(?:[0-9a-fA-F]{2}){8,}\b")
 _BASE64 = re.compile(r"[A-Za-z0-9+/]{16,}={0,2}")
 _INVISIBLE = re.compile("[\u200b-\u200f\u2060\ufeff\u00ad]")
@@ -188,12 +189,13 @@ def deobfuscate(text: str) -> str:
 def _unleet(match: re.Match[str]) -> str:
     """A word with its leetspeak undone ("1gn0re" -> "ignore"), where it mixes letters and leet characters.
 
-    Numbers ("2024", "5") and a closing "!" stay as they are, so most text that has
-    nothing to undo stays equal to the original and is scanned once, not twice.
+    Numbers ("2024", "5"), hexadecimal IDs ("3f9a2c") and a closing "!" stay as they
+    are, so most text that has nothing to undo stays equal to the original and is
+    scanned once, not twice.
     """
     word = match.group(0)
     core = word.rstrip("!")
-    if _LEET_CHARS.isdisjoint(core):
+    if _LEET_CHARS.isdisjoint(core) or _HEX_WORD.fullmatch(core):
         return word
     return core.translate(_LEET) + word[len(core):]
 

@@ -55,8 +55,8 @@ def test_disguises_are_undone() -> None:
 
 
 def test_numbers_are_not_leetspeak() -> None:
-    """Plain numbers and a closing "!" are left alone, so such text is scanned once, as sent."""
-    text = "Write poem 42 of 2025 for $5, in 3 lines! Thanks!"
+    """Numbers, dates, hex IDs and a closing "!" are left alone, so such text is scanned once, as sent."""
+    text = "Write poem 42 of 2025-05-01 for $5, in 3 lines (order 3f9a2c1e-17, v2.0)! Thanks!"
     assert deobfuscate(text) == text
 
 
