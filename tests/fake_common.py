@@ -95,7 +95,8 @@ class FaultQueue:
 
     def stream_error(self, status: int = 529, *, after_chunks: int = 3, times: int | None = 1,
                      message: str = "fake upstream failure") -> None:
-        """Send an Anthropic ``error`` event (the type of ``status``) after ``after_chunks`` events."""
+        """Send an error after ``after_chunks`` events: an Anthropic ``error`` event (the type of ``status``), or
+        an OpenAI-compatible chunk ``{"error": {"message", "code": status}}`` after a ``:`` comment."""
         self.add_fault(Fault("stream_error", times, status=status, message=message, after_chunks=after_chunks))
 
     def chaos(self, rate: float, *, seed: int = 0, hang_s: float = 5.0) -> None:

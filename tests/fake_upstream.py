@@ -94,6 +94,7 @@ class FakeUpstream(FaultQueue):
         self.base_url = ""
         super().__init__()
         self.request_count = 0
+        self.client_ports: set[int] = set()  # one per connection the clients opened
         self.last_path: str | None = None
         self.last_body: dict[str, Any] | None = None
         self._last_headers: Any = None
@@ -121,6 +122,7 @@ class FakeUpstream(FaultQueue):
         """Clear the faults (chaos included) and what was recorded."""
         self.clear_faults()
         self.request_count = 0
+        self.client_ports = set()
         self.last_path = self.last_body = self._last_headers = None
 
     # -- lifecycle ---------------------------------------------------------------
@@ -197,6 +199,8 @@ class FakeUpstream(FaultQueue):
     async def _before_headers(self, request: web.Request, body: Any) -> Fault | None:
         """Record the request, apply latency and pre-header faults; return the fault taken."""
         self.request_count += 1
+        if request.transport is not None:
+            self.client_ports.add(request.transport.get_extra_info("peername")[1])
         self.last_path = request.path
         self.last_body = body
         self._last_headers = request.headers
@@ -257,6 +261,12 @@ class FakeUpstream(FaultQueue):
         if fault is not None and fault.kind == "drop":
             return await self._drop(request, response, b"".join(answer.frames[include_usage][: fault.after_chunks]))
         await response.prepare(request)
+        if fault is not None and fault.kind == "stream_error":  # OpenRouter's way: a comment, then an error chunk
+            error = {"error": {"message": fault.message, "code": fault.status}}
+            await response.write(b": PROCESSING\n\n" + b"".join(answer.frames[include_usage][: fault.after_chunks])
+                                 + b"data: " + orjson.dumps(error) + b"\n\n")
+            await response.write_eof()
+            return response
         tail = answer.usage_head + usage + b"}\n\n" if include_usage else b""
         await response.write(answer.joined[include_usage] + tail + b"data: [DONE]\n\n")
         await response.write_eof()

@@ -1,14 +1,11 @@
-"""``RemoteEngine``: any OpenAI-compatible upstream, through the official ``openai`` SDK.
+"""``RemoteEngine``: any OpenAI-compatible upstream, with the official ``openai`` SDK's headers and errors.
 
-The SDK runs on its aiohttp transport (``DefaultAioHttpClient``), which costs about a
-tenth of the CPU of the default httpx one per call. A non-streamed call goes through the
-SDK's documented low-level ``client.post(..., cast_to=bytes)``, a streamed one through
-``client.post(..., stream_cls=AsyncStream[dict])``: the same transport, auth, timeouts,
-SSE parsing and error types, without the typed ``create()``'s parameter transform and
-response models (a third of the Gateway's CPU per request with embedded models; 2.1 ->
-0.9 ms per 16-chunk stream). raygate reads the fields it needs into its own models. The
-SDK's own retries are off: raygate retries and falls back itself, across models. Every
-SDK call is wrapped in ``map_openai_errors()`` so only raygate errors leave this module.
+The calls themselves go through ``UpstreamHTTP`` on aiohttp: the SDK client supplies
+the headers and turns each failure into the SDK's own exception, without its request
+machinery (the typed ``create()`` cost a third of the Gateway's CPU per request, its
+low-level ``post()`` still a fifth). raygate reads the fields it needs from the JSON into
+its own models, and retries and falls back itself, across models. Every call is wrapped
+in ``map_openai_errors()`` so only raygate errors leave this module.
 """
 
 from __future__ import annotations
@@ -25,6 +22,7 @@ import orjson
 from deployments.models.base import ChunkFactory, Engine, EngineOutput
 from deployments.models.provider import SDKClientMixin, client_kwargs, map_sdk_errors
 from deployments.models.tokens import estimate_usage
+from deployments.models.upstream_http import UpstreamHTTP
 from serve_app.config import ModelConfig, RemoteEngineParams
 from serve_app.errors import ServiceUnavailableError, UpstreamError
 from serve_app.protocol import (
@@ -42,7 +40,6 @@ logger = logging.getLogger(__name__)
 
 _FINISH_REASONS: frozenset[str] = frozenset(get_args(FinishReason))
 _FORWARDED_FIELDS = ("temperature", "top_p", "frequency_penalty", "presence_penalty", "stop", "seed", "user")
-_BEARER: Any = {"security": {"bearer_auth": True}}  # the request options the typed create() passes
 
 
 def map_openai_errors(model: str) -> contextlib.AbstractContextManager[None]:
@@ -96,11 +93,20 @@ class RemoteEngine(SDKClientMixin, Engine):
             raise TypeError(f"model {config.name}: RemoteEngine needs RemoteEngineParams")
         self.params: RemoteEngineParams = config.engine_params
         self.client: openai.AsyncOpenAI | None = None
+        self.http: UpstreamHTTP | None = None
 
     async def start(self) -> None:
-        """Create the SDK client; no network call, the first request opens connections."""
+        """Create the SDK client and the connection pool; no network call, the first request connects."""
         self.client = openai.AsyncOpenAI(base_url=self.params.base_url,
                                          **client_kwargs(openai, self.config, self.params))
+        self.http = UpstreamHTTP(self.client, self.params.timeout_s, self.params.max_connections)
+
+    async def close(self) -> None:
+        """Close the connection pool and the SDK client."""
+        if self.http is not None:
+            await self.http.close()
+            self.http = None
+        await super().close()
 
     def _create_kwargs(self, request: ChatCompletionRequest) -> dict[str, Any]:
         kwargs: dict[str, Any] = {
@@ -128,20 +134,20 @@ class RemoteEngine(SDKClientMixin, Engine):
         Raises:
             serve_app.errors.RaygateError: the upstream's failure, translated.
         """
-        if self.client is None:
+        if self.http is None:
             raise ServiceUnavailableError(f"Model {self.config.name} is not started.")
         kwargs = self._create_kwargs(request)
         with map_openai_errors(self.config.name):
             if not request.stream:
-                yield await self._complete(self.client, kwargs, request)
+                yield await self._complete(self.http, kwargs, request)
                 return
-            async for chunk in self._stream(self.client, kwargs, request):
+            async for chunk in self._stream(self.http, kwargs, request):
                 yield chunk
 
     async def _complete(
-        self, client: openai.AsyncOpenAI, kwargs: dict[str, Any], request: ChatCompletionRequest
+        self, http: UpstreamHTTP, kwargs: dict[str, Any], request: ChatCompletionRequest
     ) -> ChatCompletionResponse:
-        raw = await client.post("/chat/completions", cast_to=bytes, body=kwargs, options=_BEARER)
+        raw = await http.post("/chat/completions", kwargs)
         completion = _json_object(raw, self.config.name)
         choices = completion.get("choices") or [{}]
         choice = choices[0] if isinstance(choices[0], dict) else {}
@@ -157,7 +163,7 @@ class RemoteEngine(SDKClientMixin, Engine):
         )
 
     async def _stream(
-        self, client: openai.AsyncOpenAI, kwargs: dict[str, Any], request: ChatCompletionRequest
+        self, http: UpstreamHTTP, kwargs: dict[str, Any], request: ChatCompletionRequest
     ) -> AsyncIterator[EngineOutput]:
         # Content chunks go out as they come; finish_reason and usage may arrive in
         # separate upstream chunks (usage last, with no choices), so they are held and
@@ -168,9 +174,7 @@ class RemoteEngine(SDKClientMixin, Engine):
         finish: str | None = None
         usage: UsageInfo | None = None
         body = {**kwargs, "stream": True, "stream_options": {"include_usage": True}}
-        stream = await client.post("/chat/completions", cast_to=object, body=body, options=_BEARER, stream=True,
-                                   stream_cls=openai.AsyncStream[dict[str, Any]])  # chunks as plain dicts
-        async with stream:
+        async with contextlib.aclosing(http.events("/chat/completions", body)) as stream:
             async for upstream_chunk in stream:
                 usage = _usage(upstream_chunk) or usage
                 for choice in (upstream_chunk.get("choices") or [])[:1]:

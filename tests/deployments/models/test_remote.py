@@ -222,6 +222,19 @@ async def test_dropped_stream_fails_mid_way(engine: RemoteEngine, upstream: Fake
     assert [c.choices[0].delta.content for c in received] == PHRASE[:1] + [" " + PHRASE[1]]
 
 
+async def test_error_chunk_mid_stream_fails_and_the_next_call_works(engine: RemoteEngine, upstream: FakeUpstream) -> None:
+    """An ``{"error": ...}`` chunk inside a 200 stream (OpenRouter's way) ends it with an upstream error."""
+    upstream.stream_error(502, after_chunks=3, message=f"provider said {SECRET}")
+    received: list[str | None] = []
+    with pytest.raises(UpstreamError) as info:
+        async for chunk in engine.chat(make_request(True)):
+            assert isinstance(chunk, ChatCompletionStreamResponse)
+            received.append(chunk.choices[0].delta.content)
+    assert received == PHRASE[:1] + [" " + PHRASE[1]]
+    assert info.value.status_code == 502 and SECRET not in info.value.message
+    _check_stream(await run(engine, make_request(True)))
+
+
 async def test_dropped_response_fails(engine: RemoteEngine, upstream: FakeUpstream) -> None:
     upstream.drop_stream()
     with pytest.raises(UpstreamUnavailableError):
