@@ -361,6 +361,7 @@ class Gateway:
         await self.ledger_buffer.close()
         await self.keys.close()
         await self.keys.redis.aclose()
+        self.metrics.flush()
 
     def _model(self, name: str) -> ModelConfig:
         model = self.config.model(name) or self.adapters.resolve(name)
