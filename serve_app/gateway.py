@@ -76,7 +76,7 @@ from serve_app.protocol import (
 )
 from serve_app.spend import TAG_HEADER, Spend, capped_request, estimate_prompt_tokens, parse_tags
 from serve_app.stores import redis_client
-from serve_app.http_parts import GatewayAPI, answer_headers, client_language
+from serve_app.http_parts import GatewayAPI, answer_headers, client_language, lean_chat_completions
 from serve_app.streaming import cached_answer, sse_events
 from serve_app.thresholds import ThresholdEvaluator
 from serve_app.vision import check_images, downgrade_refused, vision_capable
@@ -93,6 +93,8 @@ app = GatewayAPI(title="raygate", version=__version__, responses=ERROR_RESPONSES
 app.add_middleware(RequestContextMiddleware, max_body_bytes=lambda path: app.state.max_upload_bytes
                    if path.endswith(("/documents", "/v1/files")) else app.state.max_body_bytes)
 install_error_handlers(app)
+
+
 app.state.max_body_bytes = app.state.max_upload_bytes = 1_048_576
 for routes in (admin, cost_admin, cache_admin, privacy_admin, api_routes, overview_admin, dashboard, rag_routes,
                router_admin, template_admin, experiment_admin, adapters, conversation_routes, evaluation_admin,
@@ -174,6 +176,7 @@ class Gateway:
         app.state.max_body_bytes = config.gateway.max_body_bytes
         app.state.max_upload_bytes = config.gateway.max_upload_bytes
         install_cors(app, config.gateway.cors_allow_origins)
+        app.serve_lean("/v1/chat/completions", "POST", lean_chat_completions)
         self.batches = BatchRunner(self, config.batches)  # background batch jobs, behind interactive traffic
         self.batches.start()
 
