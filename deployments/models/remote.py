@@ -17,12 +17,11 @@ from collections.abc import AsyncIterator
 from typing import Any, get_args
 
 import openai
-import orjson
 
 from deployments.models.base import ChunkFactory, Engine, EngineOutput
 from deployments.models.provider import SDKClientMixin, client_kwargs, map_sdk_errors
 from deployments.models.tokens import estimate_usage
-from deployments.models.upstream_http import UpstreamHTTP
+from deployments.models.upstream_http import UpstreamHTTP, json_object
 from serve_app.config import ModelConfig, RemoteEngineParams
 from serve_app.errors import ServiceUnavailableError, UpstreamError
 from serve_app.protocol import (
@@ -69,11 +68,8 @@ def _finish_reason(value: str | None) -> FinishReason:
 
 def _json_object(raw: bytes, model: str) -> dict[str, Any]:
     """The upstream's 200 body as a JSON object; anything else is the upstream's fault (502)."""
-    try:
-        body = orjson.loads(raw)
-    except orjson.JSONDecodeError:
-        body = None
-    if not isinstance(body, dict):
+    body = json_object(raw)
+    if body is None:
         logger.warning("Upstream of model %s answered 200 with a body that is not a JSON object", model)
         raise UpstreamError(f"Model {model}: the upstream's answer was not a JSON object.")
     return body

@@ -105,13 +105,19 @@ def _connection_error(exc: BaseException, url: str) -> openai.APIConnectionError
     return openai.APIConnectionError(request=request)
 
 
+def json_object(raw: bytes | str) -> dict[str, Any] | None:
+    """``raw`` parsed, if it is a JSON object; None for anything else (a proxy's HTML page, a list)."""
+    try:
+        value = orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        return None
+    return value if isinstance(value, dict) else None
+
+
 def _event(data: str, url: str) -> dict[str, Any]:
     """One event's JSON object; an ``error`` in it, or anything but an object, is the upstream's failure."""
-    try:
-        event = orjson.loads(data)
-    except orjson.JSONDecodeError:
-        event = None
-    if not isinstance(event, dict):
+    event = json_object(data)
+    if event is None:
         raise openai.APIError("The upstream sent a stream event that is not a JSON object.",
                               httpx2.Request("POST", url), body=None)
     error = event.get("error")
