@@ -8,7 +8,9 @@ from collections import deque
 from dataclasses import dataclass
 from typing import Any, Literal
 
-FaultKind = Literal["status", "hang", "drop", "no_usage", "stream_error", "not_json"]
+from aiohttp import web
+
+FaultKind = Literal["status", "hang", "drop", "no_usage", "stream_error", "not_json", "trickle"]
 DEFAULT_HANG_S = 60.0
 
 
@@ -23,7 +25,8 @@ class Fault:
             ``no_usage`` (answer normally, without usage) or ``stream_error`` (Anthropic
             streams only: an ``error`` event after ``after_chunks`` events, of the type
             Anthropic uses for ``status``; other requests answer normally) or ``not_json``
-            (a non-streamed request gets a 200 whose body is HTML).
+            (a non-streamed request gets a 200 whose body is HTML) or ``trickle`` (OpenAI streams
+            only: each SSE frame sent alone, ``hang_s`` after the one before).
         times: requests it applies to; ``None`` means every request until ``reset()``.
     """
 
@@ -99,6 +102,10 @@ class FaultQueue:
         an OpenAI-compatible chunk ``{"error": {"message", "code": status}}`` after a ``:`` comment."""
         self.add_fault(Fault("stream_error", times, status=status, message=message, after_chunks=after_chunks))
 
+    def trickle(self, gap_s: float, *, times: int | None = 1) -> None:
+        """Send the next ``times`` OpenAI streams frame by frame, ``gap_s`` apart (a slow, live upstream)."""
+        self.add_fault(Fault("trickle", times, hang_s=gap_s))
+
     def chaos(self, rate: float, *, seed: int = 0, hang_s: float = 5.0) -> None:
         """Give each request, with probability ``rate``, one random fault: 500, 502, 503, 429, a hang, a drop.
 
@@ -127,3 +134,12 @@ class FaultQueue:
         """Drop the queued faults and turn chaos off."""
         self.faults.clear()
         self._chaos = (0.0, random.Random(0), [])
+
+
+async def drop_mid_body(request: web.Request, response: web.StreamResponse, data: bytes) -> web.StreamResponse:
+    """Send ``data`` in a chunked body, then cut the connection mid-body."""
+    await response.prepare(request)
+    await response.write(data)  # write() waits for the buffer to drain
+    assert request.transport is not None
+    request.transport.close()
+    return response

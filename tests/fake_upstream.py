@@ -70,7 +70,7 @@ from tests.fake_anthropic import (
     anthropic_error_type,
     count_input_words,
 )
-from tests.fake_common import Fault, FaultQueue, count_prompt_words
+from tests.fake_common import Fault, FaultQueue, count_prompt_words, drop_mid_body
 from tests.fake_openai import JUDGE_PREFIX, _Answer, _usage, budget_words, judge_answer
 
 logger = logging.getLogger(__name__)
@@ -251,7 +251,7 @@ class FakeUpstream(FaultQueue):
             if fault is not None and fault.kind == "not_json":
                 return web.Response(body=b"<html>502 Bad Gateway</html>", content_type="text/html")
             if fault is not None and fault.kind == "drop":
-                return await self._drop(request, web.StreamResponse(headers={"Content-Type": "application/json"}),
+                return await drop_mid_body(request, web.StreamResponse(headers={"Content-Type": "application/json"}),
                                         payload[: len(payload) // 2])
             return web.Response(body=payload, content_type="application/json")
 
@@ -259,7 +259,7 @@ class FakeUpstream(FaultQueue):
         include_usage = with_usage and isinstance(options, dict) and bool(options.get("include_usage"))
         response = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
         if fault is not None and fault.kind == "drop":
-            return await self._drop(request, response, b"".join(answer.frames[include_usage][: fault.after_chunks]))
+            return await drop_mid_body(request, response, b"".join(answer.frames[include_usage][: fault.after_chunks]))
         await response.prepare(request)
         if fault is not None and fault.kind == "stream_error":  # OpenRouter's way: a comment, then an error chunk
             error = {"error": {"message": fault.message, "code": fault.status}}
@@ -268,17 +268,14 @@ class FakeUpstream(FaultQueue):
             await response.write_eof()
             return response
         tail = answer.usage_head + usage + b"}\n\n" if include_usage else b""
-        await response.write(answer.joined[include_usage] + tail + b"data: [DONE]\n\n")
+        if fault is not None and fault.kind == "trickle":
+            for frame in [*answer.frames[include_usage], tail]:
+                await response.write(frame)
+                await asyncio.sleep(fault.hang_s)
+            await response.write(b"data: [DONE]\n\n")
+        else:
+            await response.write(answer.joined[include_usage] + tail + b"data: [DONE]\n\n")
         await response.write_eof()
-        return response
-
-    @staticmethod
-    async def _drop(request: web.Request, response: web.StreamResponse, data: bytes) -> web.StreamResponse:
-        """Send ``data`` in a chunked body, then cut the connection mid-body."""
-        await response.prepare(request)
-        await response.write(data)  # write() waits for the buffer to drain
-        assert request.transport is not None
-        request.transport.close()
         return response
 
     async def _models(self, request: web.Request) -> web.Response:
@@ -321,14 +318,14 @@ class FakeUpstream(FaultQueue):
         if not body.get("stream"):
             payload = answer.json(input_tokens)
             if fault is not None and fault.kind == "drop":
-                return await self._drop(request, web.StreamResponse(headers={"Content-Type": "application/json"}),
+                return await drop_mid_body(request, web.StreamResponse(headers={"Content-Type": "application/json"}),
                                         payload[: len(payload) // 2])
             return web.Response(body=payload, content_type="application/json")
 
         frames = answer.frames(input_tokens)
         response = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
         if fault is not None and fault.kind == "drop":
-            return await self._drop(request, response, b"".join(frames[: fault.after_chunks]))
+            return await drop_mid_body(request, response, b"".join(frames[: fault.after_chunks]))
         if fault is not None and fault.kind == "stream_error":
             error = {"type": "error", "error": {"type": anthropic_error_type(fault.status), "message": fault.message}}
             frames = frames[: fault.after_chunks] + [_sse_event(b"error", orjson.dumps(error))]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -210,6 +211,21 @@ async def test_hang_maps_to_timeout(upstream: FakeUpstream, monkeypatch: pytest.
     engine = await started_engine(make_config(upstream.base_url, timeout_s=0.5))
     upstream.hang(seconds=30)  # stop() wakes the handler
     await check_hang_times_out(engine, make_request(stream))
+
+
+async def test_a_stream_may_outlast_the_timeout_while_it_keeps_sending(
+    upstream: FakeUpstream, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``timeout_s`` bounds the connect and each read, not the whole answer (as in the SDK)."""
+    monkeypatch.setenv(KEY_ENV, SECRET)
+    engine = await started_engine(make_config(upstream.base_url, timeout_s=0.5))
+    upstream.trickle(0.15)  # 8 words + role + finish + usage frames: about 1.6 s in all
+    try:
+        started = time.monotonic()
+        text, last = _check_stream(await run(engine, make_request(True)))
+    finally:
+        await engine.close()
+    assert time.monotonic() - started > 1.0 and text == EXPECTED_TEXT and last.usage is not None
 
 
 async def test_dropped_stream_fails_mid_way(engine: RemoteEngine, upstream: FakeUpstream) -> None:
