@@ -93,8 +93,6 @@ app = GatewayAPI(title="raygate", version=__version__, responses=ERROR_RESPONSES
 app.add_middleware(RequestContextMiddleware, max_body_bytes=lambda path: app.state.max_upload_bytes
                    if path.endswith(("/documents", "/v1/files")) else app.state.max_body_bytes)
 install_error_handlers(app)
-
-
 app.state.max_body_bytes = app.state.max_upload_bytes = 1_048_576
 for routes in (admin, cost_admin, cache_admin, privacy_admin, api_routes, overview_admin, dashboard, rag_routes,
                router_admin, template_admin, experiment_admin, adapters, conversation_routes, evaluation_admin,
