@@ -109,8 +109,9 @@ def deploy(variant: Variant, upstream_url: str, redis_url: str, data_dir: str) -
         graph.DEFAULT_MODEL_OPTIONS = {**graph.DEFAULT_MODEL_OPTIONS, **limit}
     model = {"name": MODEL, "engine": "remote", "engine_params": {"base_url": upstream_url, "model": "fake"}}
     # One key sends thousands of requests a second: the flood guard would (rightly) block it.
+    # The model as its own deployment: the "model handle" path calls it directly (the default embeds it).
     args = {"models": [model], "stores": {"redis_url": redis_url, "data_dir": data_dir},
-            "guard": {"flood": {"enabled": False}}}
+            "guard": {"flood": {"enabled": False}}, "placement": {"models": "deployment"}}
     port = free_port()
     ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False)
     logging_config = {"enable_access_log": variant.access_log}
