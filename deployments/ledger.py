@@ -1,7 +1,7 @@
 """The Ledger: every request's usage and outcome, in SQLite, written by one replica.
 
-Gateways buffer rows (``LedgerBuffer``) and send them in batches off the
-client's path; the single-replica ``Ledger`` deployment owns the database file,
+Gateways buffer rows (``serve_app.ledger_buffer``) and send them in batches off
+the client's path; the single-replica ``Ledger`` deployment owns the database file,
 so SQLite never sees two writers.
 """
 
@@ -11,7 +11,7 @@ import asyncio
 import logging
 import sqlite3
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from pathlib import Path
 
 from typing import Literal
@@ -350,58 +350,3 @@ class Ledger:
             return await asyncio.to_thread(
                 reports.recommendations, self.db, from_ts, to_ts, prices, cheap_model, tenant=tenant
             )
-
-
-class LedgerBuffer:
-    """Gateway-side buffer: collects rows and sends them in batches, off the request path.
-
-    Args:
-        send: coroutine that delivers a batch (the Ledger handle's ``record``).
-        flush_interval_s: longest a row waits before it is sent.
-        batch_size: a full batch is sent at once.
-    """
-
-    def __init__(
-        self, send: Callable[[list[RequestRecord]], Awaitable[object]], *, flush_interval_s: float, batch_size: int
-    ) -> None:
-        self._send = send
-        self._rows: list[RequestRecord] = []
-        self._interval_s = flush_interval_s
-        self._batch_size = batch_size
-        self._wakeup = asyncio.Event()
-        self._task: asyncio.Task[None] | None = None
-
-    def add(self, row: RequestRecord) -> None:
-        """Queue a row; never blocks and never raises."""
-        self._rows.append(row)
-        if self._task is None:
-            self._task = asyncio.get_running_loop().create_task(self._run())
-        if len(self._rows) >= self._batch_size:
-            self._wakeup.set()
-
-    async def flush(self) -> None:
-        """Send everything buffered now. A failed batch is kept for the next try."""
-        rows, self._rows = self._rows, []
-        if not rows:
-            return
-        try:
-            await self._send(rows)
-        except Exception:  # noqa: BLE001 - the ledger being briefly down must not lose rows
-            logger.warning("Ledger write of %d rows failed; will retry", len(rows))
-            self._rows[:0] = rows
-
-    async def close(self) -> None:
-        """Stop the background sender and send what is left."""
-        if self._task is not None:
-            self._task.cancel()
-            self._task = None
-        await self.flush()
-
-    async def _run(self) -> None:
-        while True:
-            try:
-                await asyncio.wait_for(self._wakeup.wait(), self._interval_s)
-            except TimeoutError:
-                pass
-            self._wakeup.clear()
-            await self.flush()

@@ -27,7 +27,7 @@ from deployments.guard import Guard, check_request_size
 from deployments.guard_protocol import GuardDecision
 from deployments.injection import InjectionDetector
 from deployments.router import RoutePlan, Router
-from deployments.ledger import LedgerBuffer, RequestRecord
+from deployments.ledger import RequestRecord
 from deployments.privacy import Content
 from serve_app import (__version__, adapters, admin, api_routes, batch_routes, cache_admin, conversation_routes,
                        cost_admin, dashboard, evaluation_admin, experiment_admin, overview_admin, privacy_admin,
@@ -77,6 +77,7 @@ from serve_app.protocol import (
 from serve_app.spend import TAG_HEADER, Spend, capped_request, estimate_prompt_tokens, parse_tags
 from serve_app.stores import redis_client
 from serve_app.http_parts import GatewayAPI, answer_headers, client_language, lean_chat_completions
+from serve_app.ledger_buffer import LedgerBuffer
 from serve_app.streaming import cached_answer, sse_events
 from serve_app.thresholds import ThresholdEvaluator
 from serve_app.vision import check_images, downgrade_refused, vision_capable

@@ -8,7 +8,8 @@ from pathlib import Path
 import pytest
 from ray import serve
 
-from deployments.ledger import FeedbackRecord, Ledger, LedgerBuffer, RequestRecord
+from deployments.ledger import FeedbackRecord, Ledger, RequestRecord
+from serve_app.ledger_buffer import LedgerBuffer
 from serve_app.config import LedgerConfig
 
 
