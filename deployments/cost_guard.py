@@ -36,7 +36,7 @@ from __future__ import annotations
 import logging
 import time
 from datetime import date
-from typing import Any, NamedTuple
+from typing import Any
 from urllib.parse import quote
 from zoneinfo import ZoneInfo
 
@@ -45,8 +45,9 @@ import orjson
 from deployments.cost_guard_config_store import CostConfigStore
 from deployments.cost_guard_lua import COST_GUARD_LUA
 from deployments.cost_guard_periods import Window, midnight, period_window
+from deployments.cost_guard_reply import Check, decision
 from deployments.cost_guard_protocol import (
-    NANO_USD, PLAN_QUOTA, BudgetStatus, Outcome, Reason, ReserveDecision, ReserveRequest, SettleResult,
+    NANO_USD, PLAN_QUOTA, BudgetStatus, ReserveDecision, ReserveRequest, SettleResult,
     ThresholdCrossing, UsageReport, budget_status_from_counters, utc,
 )
 from serve_app.auth import Plan
@@ -61,14 +62,6 @@ __all__ = [
     "BudgetStatus", "CostGuard", "ReserveDecision", "ReserveRequest", "SettleResult", "ThresholdCrossing",
     "UsageReport", "Window", "period_window",
 ]
-
-
-class _Check(NamedTuple):
-    """Python's view of one counter in a candidate's reservation, by the index the script reports."""
-
-    limit: str
-    resets_at: float
-
 
 
 def _nano_prices(prices: dict[str, tuple[float, float]]) -> tuple[dict[str, tuple[float, float]], tuple[float, float]]:
@@ -161,7 +154,7 @@ class CostGuard:
                 keys=[self._zset, self._res_prefix + request.request_id],
                 args=["reserve", orjson.dumps(head), *specs],
             )
-        return self._decision(reply, request, plan, models, cands, views, base)
+        return decision(reply, request, plan, models, cands, views, base)
 
     async def settle(self, request_id: str, prompt_tokens: int, completion_tokens: int, model: str) -> SettleResult:
         """Replace a reservation with the real usage, priced for the model that answered.
@@ -310,7 +303,7 @@ class CostGuard:
 
     def _counters(
         self, request: ReserveRequest, plan: PlanConfig, model: str, now: float, *, with_floor: bool
-    ) -> tuple[list[dict[str, Any]], list[_Check]]:
+    ) -> tuple[list[dict[str, Any]], list[Check]]:
         """Return the script's counter specs for one candidate model, and Python's view of them."""
         # Expiry is housekeeping, so it follows the wall clock: a `now` in the past (tests, a
         # replica's clock behind Redis's) must not expire live counters.
@@ -319,7 +312,7 @@ class CostGuard:
         quota: dict[str, Any] = {"k": self._quota_key(request.tenant, request.user, day.label), "x": day.end + keep}
         if plan.daily_tokens is not None:
             quota["lt"] = plan.daily_tokens
-        spec, view = [quota], [_Check(PLAN_QUOTA, day.end)]
+        spec, view = [quota], [Check(PLAN_QUOTA, day.end)]
         for b in self.config.budgets:
             if not b.applies(request.tenant, request.user, model, request.tags):
                 continue
@@ -328,7 +321,7 @@ class CostGuard:
             if with_floor and b.downgrade_below_fraction is not None:
                 c["f"] = b.downgrade_below_fraction
             spec.append(c)
-            view.append(_Check(b.id, w.end))
+            view.append(Check(b.id, w.end))
         return spec, view
 
     def _budget_spec(self, b: BudgetConfig, label: str) -> dict[str, Any]:
@@ -344,42 +337,6 @@ class CostGuard:
                 c["a"] = [[t, f"{self._prefix}:alert:{b.id}:{label}:{t!r}", repr(t)] for t in b.alert_thresholds]
             cached = self._budget_specs[b.id] = (label, b, c)
         return cached[2]
-
-    def _decision(
-        self, reply: list[Any], request: ReserveRequest, plan: PlanConfig, models: list[str],
-        cands: list[dict[str, Any]], views: list[list[_Check]], base: dict[str, Any],
-    ) -> ReserveDecision:
-        """Turn the script's reply into a decision (see the script's reserve() for the reply shape)."""
-        status = int(reply[0])
-        if status == 2:  # the id was reserved before: answer with that reservation
-            model = str(reply[1])
-            outcome: Outcome = "allow" if model == request.model else "downgrade"
-            return ReserveDecision(outcome=outcome, model=model, reserved_tokens=int(reply[2]),
-                                   reserved_usd=int(reply[3]) / NANO_USD, **base)
-        if status == 0:
-            # Report the candidate that can fit soonest, and the latest-resetting limit blocking it.
-            blocked = [max((views[i][j - 1] for j in fails), key=lambda c: c.resets_at)
-                       for i, fails in enumerate(reply[3:3 + len(models)]) if fails]
-            check = min(blocked, key=lambda c: c.resets_at)
-            logger.info("Cost guard denied request %s: %s until %s", request.request_id, check.limit, check.resets_at)
-            return ReserveDecision(outcome="deny", reason=_reason(check.limit), limit=check.limit,
-                                   resets_at=utc(check.resets_at), **base)
-        chosen, floor, fails = int(reply[1]) - 1, int(reply[2]), reply[3]
-        cand = cands[chosen]
-        amounts = {"model": cand["m"], "reserved_tokens": cand["t"], "reserved_usd": cand["u"] / NANO_USD}
-        if cand["m"] == request.model:
-            return ReserveDecision(outcome="allow", **amounts, **base)
-        reason: Reason
-        if not plan.allows(request.model):
-            reason, limit = "model_not_allowed", None
-        elif fails:
-            limit = max((views[0][j - 1] for j in fails), key=lambda c: c.resets_at).limit
-            reason = _reason(limit)
-        else:
-            reason, limit = "budget_floor", views[0][floor - 1].limit
-        logger.info("Cost guard downgraded request %s from %s to %s (%s)", request.request_id, request.model,
-                    cand["m"], reason)
-        return ReserveDecision(outcome="downgrade", reason=reason, limit=limit, **amounts, **base)
 
     async def set_prices(self, prices: dict[str, tuple[float, float]]) -> None:
         """Model -> (input, output) USD per 1M tokens; a live change (the Gateway's user_config) lands here."""
@@ -401,7 +358,3 @@ class CostGuard:
 
     def _budget_key(self, budget_id: str, period: str) -> str:
         return f"{self._prefix}:budget:{budget_id}:{period}"
-
-
-def _reason(limit: str) -> Reason:
-    return "plan_quota" if limit == PLAN_QUOTA else "budget"
