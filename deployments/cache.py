@@ -303,6 +303,12 @@ class CacheService(ResponseCache):
     def __init__(self, config: CacheConfig, redis_url: str, semantic_cache: Any | None = None) -> None:
         from serve_app.metrics import GatewayMetrics
 
-        metrics = GatewayMetrics()
+        self.metrics = GatewayMetrics()
         semantic = Placed("SemanticCache", semantic_cache, remote=True) if semantic_cache is not None else None
-        super().__init__(config, redis_url, semantic, on_evict=lambda n: metrics.inc("raygate_cache_evictions", n))
+        super().__init__(config, redis_url, semantic,
+                         on_evict=lambda n: self.metrics.inc("raygate_cache_evictions", n))
+
+    async def __del__(self) -> None:
+        """Serve calls this when the replica stops: the last second's eviction counts reach Ray, connections close."""
+        self.metrics.flush()
+        await self.close()
