@@ -22,9 +22,10 @@ class Fault:
         kind: ``status`` (answer ``status`` with an OpenAI error body), ``hang`` (sleep
             ``hang_s`` before any header), ``drop`` (close the connection after
             ``after_chunks`` SSE frames; non-stream requests get half a body) or
-            ``no_usage`` (answer normally, without usage) or ``stream_error`` (Anthropic
-            streams only: an ``error`` event after ``after_chunks`` events, of the type
-            Anthropic uses for ``status``; other requests answer normally) or ``not_json``
+            ``no_usage`` (answer normally, without usage) or ``stream_error`` (streams only:
+            after ``after_chunks`` events, an Anthropic ``error`` event of the type Anthropic
+            uses for ``status``, or an OpenAI-compatible ``{"error": ...}`` chunk; other
+            requests answer normally) or ``not_json``
             (a non-streamed request gets a 200 whose body is HTML) or ``trickle`` (OpenAI streams
             only: each SSE frame sent alone, ``hang_s`` after the one before).
         times: requests it applies to; ``None`` means every request until ``reset()``.

@@ -21,9 +21,10 @@ assert what an engine reports and benchmarks measure raygate, not a model:
   system message asks for brevity). Synthetic, but deterministic.
 
 Faults are queued at run time, from Python (``fail``, ``hang``, ``drop_stream``,
-``omit_usage``, ``garble``, ``stream_error``, ``chaos``: ``tests.fake_common.FaultQueue``) or with
-``POST /_control``; each request takes the fault at the head of the queue, whichever route it calls. Status faults have each
-API's error body (``{"error": {...}}`` or ``{"type": "error", "error": {...}}``).
+``omit_usage``, ``garble``, ``stream_error``, ``trickle``, ``chaos``: ``tests.fake_common.FaultQueue``)
+or with ``POST /_control``; each request takes the fault at the head of the queue, whichever
+route it calls. Status faults have each API's error body (``{"error": {...}}`` or
+``{"type": "error", "error": {...}}``).
 What the upstream saw (count, last body, last headers) is kept on the instance and
 served by ``GET /_control``.
 
@@ -252,7 +253,7 @@ class FakeUpstream(FaultQueue):
                 return web.Response(body=b"<html>502 Bad Gateway</html>", content_type="text/html")
             if fault is not None and fault.kind == "drop":
                 return await drop_mid_body(request, web.StreamResponse(headers={"Content-Type": "application/json"}),
-                                        payload[: len(payload) // 2])
+                                           payload[: len(payload) // 2])
             return web.Response(body=payload, content_type="application/json")
 
         options = body.get("stream_options")
@@ -319,7 +320,7 @@ class FakeUpstream(FaultQueue):
             payload = answer.json(input_tokens)
             if fault is not None and fault.kind == "drop":
                 return await drop_mid_body(request, web.StreamResponse(headers={"Content-Type": "application/json"}),
-                                        payload[: len(payload) // 2])
+                                           payload[: len(payload) // 2])
             return web.Response(body=payload, content_type="application/json")
 
         frames = answer.frames(input_tokens)
