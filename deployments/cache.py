@@ -134,12 +134,22 @@ class ResponseCache:
 
     async def lookup(self, plan: CachePlan) -> CacheHit | None:
         """Return the exact entry, else a paraphrase's entry over the threshold, else None (a miss)."""
+        return await self.lookup_exact(plan) or await self.lookup_semantic(plan)
+
+    async def lookup_exact(self, plan: CachePlan) -> CacheHit | None:
+        """Return the entry under the request's exact key, else None (one Redis read)."""
         if not plan.lookup:
             return None
         entry = await self._read(plan, plan.key)
-        if entry is not None:
-            return CacheHit(entry=entry, status="hit")
-        if self.semantic is None or plan.text is None or plan.status == "bypass":
+        return CacheHit(entry=entry, status="hit") if entry is not None else None
+
+    def may_find_paraphrase(self, plan: CachePlan) -> bool:
+        """Whether ``lookup_semantic`` can find anything for ``plan`` (a layer, a text, a lookup not bypassed)."""
+        return plan.lookup and self.semantic is not None and plan.text is not None and plan.status != "bypass"
+
+    async def lookup_semantic(self, plan: CachePlan) -> CacheHit | None:
+        """Return a paraphrase's entry over the threshold, else None (an Embedder call, then Redis reads)."""
+        if not self.may_find_paraphrase(plan):
             return None
         try:
             found = await self.semantic("search", plan.semantic_scope, plan.text)

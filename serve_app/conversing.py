@@ -236,7 +236,7 @@ class Conversations:
         if decision.model is not None and decision.model != model.name:
             record.downgraded_from, model = model.name, gateway._model(decision.model)
         try:
-            answer = await gateway.dispatcher.first_answer(capped_request(body, decision), model, attempts)
+            answer = await gateway.dispatcher.first_answer(capped_request(body, decision.max_tokens), model, attempts)
         except RaygateError as exc:
             gateway._record(record, started, None, None, exc, attempts)
             logger.info("Conversation summary failed (%s); the oldest turns are left out", exc.code)

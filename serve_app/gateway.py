@@ -66,6 +66,7 @@ from serve_app.middleware import RequestContextMiddleware, install_cors, install
 from serve_app.placement import Placed, placed_models
 from serve_app.records import fill_record
 from serve_app.adapters import AdapterIndex
+from serve_app.admission import CacheRead, admit
 from serve_app.request_log import RequestLog
 from serve_app.live import LiveSettings, apply_live
 from serve_app.protocol import (
@@ -80,8 +81,8 @@ from serve_app.http_parts import GatewayAPI, answer_headers, client_language, le
 from serve_app.ledger_buffer import LedgerBuffer
 from serve_app.streaming import cached_answer, sse_events
 from serve_app.thresholds import ThresholdEvaluator
-from serve_app.vision import check_images, downgrade_refused, vision_capable
-from serve_app.watch import AnomalyWatcher, flood_alert, periodic_work
+from serve_app.vision import downgrade_refused, vision_capable
+from serve_app.watch import AnomalyWatcher, periodic_work
 
 logger = logging.getLogger(__name__)
 
@@ -205,18 +206,15 @@ class Gateway:
         estimated_tokens = estimate_prompt_tokens(body) + body.max_output_tokens(default_tokens)
         # The injection check (an Embedder call) runs alongside the limit checks and the reservation.
         inspection = asyncio.ensure_future(self.injection.screen(key.tenant, body.messages))
+        read: CacheRead | None = None
         try:
             check_request_size(self.config.guard, body)
-            limits: GuardDecision = await self.guard("check", key, estimated_tokens)
-            self.watcher.start()
-            flood_alert(self.alerter, key, limits)
-            if (denied := limits.to_error()) is not None:
-                raise denied
-            model = model or await self._route(key, body, record)
-            check_images(body, model, self.config.gateway.max_image_bytes)
-            decision = await self.spend.reserve(record.id, key, body, model, tags)
+            read = CacheRead(self, body, key.tenant, model, request.headers.get("cache-control"))  # sent now
+            limits, model, decision = await admit(self, key, body, model, record, tags, estimated_tokens)
         except RaygateError as exc:
             inspection.cancel()
+            if read is not None:
+                read.cancel()
             self._record(record, started, None, None, exc, attempts, reserved=False)
             raise
         grounding: Grounding | None = None
@@ -232,6 +230,7 @@ class Gateway:
             body = await brief.attach(self, key, body)  # a brief request's conversation and instruction
             body = await self.conversations.expand(key, body, model, decision, record.id)  # history + summary
         except RaygateError as exc:
+            read.cancel()
             self._record(record, started, None, None, exc, attempts)  # releases the reservation
             raise
         extension = brief.extension(grounding.extension() if grounding else None)
@@ -239,11 +238,12 @@ class Gateway:
             record.downgraded_from, model = model.name, self._model(decision.model)
             if not vision_capable(body, model):
                 refused = downgrade_refused(decision, model)
+                read.cancel()
                 self._record(record, started, None, None, refused, attempts)  # releases the reservation
                 raise refused
-        body = capped_request(body, decision)
-        plan = self.cache.plan(body, key.tenant, model.name, request.headers.get("cache-control"), record.template)
-        if plan.lookup and (hit := await self._cache_lookup(plan)) is not None:
+        uncapped, body = body, capped_request(body, decision.max_tokens)
+        plan, hit = await read.lookup(uncapped, body, model, decision, record.template)
+        if hit is not None:
             return brief.tag(self._serve_hit(hit, body, record, model, started, limits, extension))
         record.cache_status = plan.status
         try:
@@ -264,7 +264,7 @@ class Gateway:
             self._correct_tokens(key, answer.first.usage, estimated_tokens, limits.checked_at)
             record.content.answer = answer.first.choices[0].message.content  # type: ignore[union-attr]
             served = await self.evaluator.review(key, body, record, answer, headers)  # judged; maybe retried once
-            self._record(record, started, answer.model, answer.first.usage, None, attempts)
+            self._record_after_answer(record, started, answer.model, answer.first.usage, None, attempts)
             answer, choice = served, served.first.choices[0]
             self._cache_store(plan, choice.message.content, choice.finish_reason, answer.model, answer.first.usage,
                               record, category)
@@ -293,16 +293,16 @@ class Gateway:
         record.content.answer = hit.entry.content  # type: ignore[union-attr]
         record.saved_usd = model.cost_usd(hit.entry.usage.prompt_tokens, hit.entry.usage.completion_tokens)
         self.cache.count(hit.status, record.saved_usd)
-        self._record(record, started, model, UsageInfo.of(0, 0), None, [])
+        self._record_after_answer(record, started, model, UsageInfo.of(0, 0), None, [])
         headers = {MODEL_HEADER: hit.entry.model, CACHE_HEADER: hit.status, "x-raygate-attempts": "0",
                    **limits.headers(), **({FLAGS_HEADER: record.flags} if record.flags else {}),
                    **self._route_headers(record)}
         return cached_answer(hit, record.id, body.stream, body.include_usage(), headers, extension)
 
-    async def _cache_lookup(self, plan: CachePlan) -> CacheHit | None:
+    async def cache_lookup(self, plan: CachePlan, method: str = "lookup") -> CacheHit | None:
         """A lookup in either placement: a Cache deployment that cannot answer is a bypass, as Redis failing is."""
         try:
-            return await self.cached("lookup", plan)
+            return await self.cached(method, plan)
         except RaygateError as exc:
             logger.warning("Cache bypassed: the Cache deployment failed (%s)", type(exc).__name__)
             plan.status = "bypass"
@@ -328,7 +328,7 @@ class Gateway:
         self.request_log = RequestLog(self.config.logs, self.config.stores.data_dir)
         logger.info("Live settings applied: %s", sorted(k for k, v in user_config.items() if v is not None))
 
-    async def _route(self, key: APIKey, body: ChatCompletionRequest, record: RequestRecord) -> ModelConfig:
+    async def route(self, key: APIKey, body: ChatCompletionRequest, record: RequestRecord) -> ModelConfig:
         """``model: auto``: classify the request and take the model its category (or domain) is routed to."""
         if not self.config.router.enabled_for(key.tenant):
             raise ModelNotFoundError("The model 'auto' needs a routing table (router.tiers).", param="model")
@@ -390,6 +390,14 @@ class Gateway:
         self.metrics.observe(record)
         self.batches.observe(record)
         self.request_log.write(record)
+
+    def _record_after_answer(self, *args: Any) -> None:
+        """``_record`` once the answer is written: its settle, log line, metrics and row need not delay it.
+
+        The handler returns, the answer goes out (no await on that path yields to the loop), then the
+        loop runs this: at 1 client the work overlaps the client's next request on its way in.
+        """
+        asyncio.get_running_loop().call_soon(self._record, *args)
 
     async def _send_to_ledger(self, rows: list[RequestRecord]) -> None:
         await call(self.ledger.record.remote(rows), LEDGER_CALL_TIMEOUT_S, "Ledger")

@@ -179,7 +179,7 @@ class Evaluator:
             logger.info("Evaluation retry of %s not reserved (%s)", record.id, exc.code)
             return None
         try:
-            answer = await gateway.dispatcher.first_answer(capped_request(request, decision), model, attempts)
+            answer = await gateway.dispatcher.first_answer(capped_request(request, decision.max_tokens), model, attempts)
         except RaygateError as exc:
             gateway._record(retry, started, None, None, exc, attempts)
             logger.info("Evaluation retry of %s failed (%s); the first answer is sent", record.id, exc.code)
@@ -212,7 +212,7 @@ class Evaluator:
             reserved = True
             if decision.model is not None and decision.model != judge.name:
                 record.downgraded_from, judge = judge.name, gateway._model(decision.model)
-            reply = await gateway.dispatcher.first_answer(capped_request(body, decision), judge, attempts)
+            reply = await gateway.dispatcher.first_answer(capped_request(body, decision.max_tokens), judge, attempts)
         except RaygateError as exc:
             gateway._record(record, started, None, None, exc, attempts, reserved=reserved)
             self.counts["failed"] += 1

@@ -99,10 +99,10 @@ class Spend:
 
 
 
-def capped_request(body: ChatCompletionRequest, decision: ReserveDecision) -> ChatCompletionRequest:
+def capped_request(body: ChatCompletionRequest, max_tokens: int) -> ChatCompletionRequest:
     """Send what was reserved: the decided max_tokens (the plan's cap) upstream."""
-    if body.max_completion_tokens == decision.max_tokens or (
-        body.max_completion_tokens is None and body.max_tokens == decision.max_tokens
+    if body.max_completion_tokens == max_tokens or (
+        body.max_completion_tokens is None and body.max_tokens == max_tokens
     ):
         return body
-    return body.model_copy(update={"max_tokens": decision.max_tokens, "max_completion_tokens": None})
+    return body.model_copy(update={"max_tokens": max_tokens, "max_completion_tokens": None})

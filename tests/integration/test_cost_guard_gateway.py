@@ -266,6 +266,12 @@ def test_rate_limit_is_exact_across_two_gateway_replicas(costs: dict[str, Any]) 
     assert all(1 <= int(r.headers["retry-after"]) <= 120 for r in denied)
     assert all(r.headers["x-ratelimit-limit-requests"] == str(RPM) for r in allowed + denied)
     assert sorted(int(r.headers["x-ratelimit-remaining-requests"]) for r in allowed) == list(range(RPM))
+    # A named model's reservation goes out with the rate check: each refused request's is released.
+    deadline, usage = time.monotonic() + 10, {"reserved_tokens": None}
+    while usage["reserved_tokens"] != 0 and time.monotonic() < deadline:
+        usage = httpx.get(f"{costs['base_url']}/v1/usage", headers={"Authorization": f"Bearer {key}"}).json()
+    assert usage["reserved_tokens"] == 0, usage
+    assert 0 < usage["used_tokens"] <= RPM * PER_REQUEST
 
 
 def test_model_auto_is_routed_in_either_placement(costs: dict[str, Any]) -> None:
@@ -283,7 +289,7 @@ def test_a_repeated_question_is_a_cache_hit_in_either_placement(costs: dict[str,
     deployments = serve.status().applications[f"costs-{costs['placement']}"].deployments
     assert ("Cache" in deployments) == (costs["placement"] == "deployment")
     headers = {"Authorization": f"Bearer {key_for(costs, 'premium')}"}
-    body = {"model": "cheap", "temperature": 0, "max_tokens": 8,
+    body = {"model": "cheap", "temperature": 0, "max_tokens": 50,
             "messages": [{"role": "user", "content": f"Name a colour {uuid.uuid4().hex}"}]}
     first = httpx.post(f"{costs['base_url']}/v1/chat/completions", json=body, headers=headers, timeout=30)
     assert first.status_code == 200 and first.headers["x-raygate-cache"] == "miss", first.text
@@ -296,3 +302,8 @@ def test_a_repeated_question_is_a_cache_hit_in_either_placement(costs: dict[str,
     assert second.json()["choices"][0]["message"]["content"] == first.json()["choices"][0]["message"]["content"]
     assert second.json()["usage"]["total_tokens"] == 0  # billed nothing
     assert second.json()["raygate"]["original_usage"] == first.json()["usage"]
+    # The premium plan caps 5000 at 50: this is the first request again. Its early exact read,
+    # planned for 5000 before the reservation, misses; the lookup of the request as capped hits.
+    again = httpx.post(f"{costs['base_url']}/v1/chat/completions", json={**body, "max_tokens": 5000},
+                       headers=headers, timeout=30)
+    assert again.status_code == 200 and again.headers["x-raygate-cache"] == "hit", again.text
