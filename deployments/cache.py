@@ -92,16 +92,18 @@ class ResponseCache:
         semantic: the SemanticCache, placed (None: exact layer only).
         key_prefix: namespace of every key (tests use one per test).
         on_evict: told how many entries each store evicted (metrics).
+        pipeline: the Gateway's, shared with its other components; None: one of its own.
     """
 
     def __init__(self, config: CacheConfig, redis_url: str, semantic: Placed | None, *,
-                 key_prefix: str = "raygate:cache", on_evict: Callable[[int], None] | None = None) -> None:
+                 key_prefix: str = "raygate:cache", on_evict: Callable[[int], None] | None = None,
+                 pipeline: AutoPipeline | None = None) -> None:
         self.config = config
         self.redis = redis_client(redis_url)
         self.semantic = semantic if config.semantic.enabled else None
         self.prefix = key_prefix
         self._lru, self._meta, self._stats = f"{key_prefix}:lru", f"{key_prefix}:meta", f"{key_prefix}:stats"
-        self._pipeline = AutoPipeline(self.redis)  # concurrent requests' lookups and stores share round trips
+        self._pipeline = pipeline or AutoPipeline(self.redis)  # concurrent commands share round trips
         self._put = self._pipeline.register_script(_PUT_LUA)
         self._get = self._pipeline.register_script(_GET_LUA)
         self.errors = 0  # store failures seen by this replica (also logged)

@@ -82,6 +82,7 @@ class CostGuard:
             known price, so an unpriced name cannot slip past a USD budget.
         key_prefix: namespace of every key (tests use one per test; a ``{hash tag}`` keeps
             all keys in one Redis Cluster slot, which the scripts need).
+        pipeline: the embedding Gateway's, shared with its other components; None: one of its own.
     """
 
     def __init__(
@@ -91,10 +92,11 @@ class CostGuard:
         prices: dict[str, tuple[float, float]],
         *,
         key_prefix: str = "raygate:cg",
+        pipeline: AutoPipeline | None = None,
     ) -> None:
         self.redis = redis_client(redis_url, config.redis_max_connections)
         self._store = CostConfigStore(self.redis, config, prices, key_prefix=key_prefix)
-        self._script = AutoPipeline(self.redis).register_script(COST_GUARD_LUA)
+        self._script = (pipeline or AutoPipeline(self.redis)).register_script(COST_GUARD_LUA)
         self._prices, self._max_price = _nano_prices(prices)
         self._tz = ZoneInfo(config.timezone)
         self._windows: dict[str, Window] = {}

@@ -74,12 +74,14 @@ class Guard:
         config: plan limits and detection settings.
         redis_url: the Redis/Valkey holding the counters and blocks.
         key_prefix: namespace of every key (tests use one per test).
+        pipeline: the embedding Gateway's, shared with its other components; None: one of its own.
     """
 
-    def __init__(self, config: GuardConfig, redis_url: str, *, key_prefix: str = "raygate:guard") -> None:
+    def __init__(self, config: GuardConfig, redis_url: str, *, key_prefix: str = "raygate:guard",
+                 pipeline: AutoPipeline | None = None) -> None:
         self.config = config
         self.redis = redis_client(redis_url, config.redis_max_connections)
-        self._script = AutoPipeline(self.redis).register_script(GUARD_LUA)
+        self._script = (pipeline or AutoPipeline(self.redis)).register_script(GUARD_LUA)
         self._prefix = key_prefix
         self._blocks = f"{key_prefix}:blocks"
         self._active = f"{key_prefix}:active"

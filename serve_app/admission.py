@@ -19,8 +19,11 @@ from deployments.cache_protocol import CacheHit
 from deployments.cost_guard_protocol import ReserveDecision
 from deployments.guard_protocol import GuardDecision
 from deployments.ledger import RequestRecord
+from deployments.router import RoutePlan
 from serve_app.auth import APIKey
 from serve_app.config import ModelConfig
+from serve_app.errors import ModelNotFoundError
+from serve_app.grounding import query_of
 from serve_app.protocol import ChatCompletionRequest
 from serve_app.spend import capped_request
 from serve_app.vision import check_images
@@ -46,7 +49,7 @@ async def admit(gateway: "Gateway", key: APIKey, body: ChatCompletionRequest, mo
     max_image_bytes = gateway.config.gateway.max_image_bytes
     if model is None:  # the route needs the check's verdict first: a refused request is not classified
         limits = _admitted(gateway, key, await checking)
-        model = await gateway.route(key, body, record)
+        model = await _route(gateway, key, body, record)
         check_images(body, model, max_image_bytes)
         return limits, model, await gateway.spend.reserve(record.id, key, body, model, tags)
     reserving = asyncio.ensure_future(gateway.spend.reserve(record.id, key, body, model, tags))
@@ -67,6 +70,19 @@ def _admitted(gateway: "Gateway", key: APIKey, limits: GuardDecision) -> GuardDe
     if (denied := limits.to_error()) is not None:
         raise denied
     return limits
+
+
+async def _route(gateway: "Gateway", key: APIKey, body: ChatCompletionRequest,
+                 record: RequestRecord) -> ModelConfig:
+    """``model: auto``: classify the request and take the model its category (or domain) is routed to."""
+    if not gateway.config.router.enabled_for(key.tenant):
+        raise ModelNotFoundError("The model 'auto' needs a routing table (router.tiers).", param="model")
+    fallbacks = {m.name: m.fallbacks for m in gateway.config.models}
+    plan: RoutePlan = await gateway.router("route", query_of(body), key.tenant, fallbacks)
+    c = plan.classification
+    record.route, record.category, record.domain = plan.header(), c.category, c.domain
+    record.route_reason = f"{c.classifier}: {c.reason}"[:500]
+    return gateway._model(plan.model)
 
 
 class CacheRead:

@@ -70,11 +70,12 @@ class CircuitBreakers:
 
     Args:
         redis: an asyncio client (``decode_responses=True``).
+        pipeline: the Gateway's, shared with its other components; None: one of its own.
     """
 
-    def __init__(self, redis: aioredis.Redis) -> None:
+    def __init__(self, redis: aioredis.Redis, pipeline: AutoPipeline | None = None) -> None:
         self.redis = redis
-        self._pipeline = AutoPipeline(redis)  # concurrent requests' checks and records share round trips
+        self._pipeline = pipeline or AutoPipeline(redis)  # concurrent commands share round trips
         self._allow = self._pipeline.register_script(_ALLOW)
         self._record = self._pipeline.register_script(_RECORD)
         self._closed_until: dict[str, float] = {}  # by model: when this replica's sight of "closed" expires

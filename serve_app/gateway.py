@@ -26,7 +26,7 @@ from deployments.cost_guard import CostGuard
 from deployments.guard import Guard, check_request_size
 from deployments.guard_protocol import GuardDecision
 from deployments.injection import InjectionDetector
-from deployments.router import RoutePlan, Router
+from deployments.router import Router
 from deployments.ledger import RequestRecord
 from deployments.privacy import Content
 from serve_app import (__version__, adapters, admin, api_routes, batch_routes, cache_admin, conversation_routes,
@@ -54,7 +54,7 @@ from serve_app.errors import (
     UpstreamUnavailableError,
 )
 from serve_app.dispatch import Attempt, Dispatcher
-from serve_app.grounding import Grounding, ground, query_of
+from serve_app.grounding import Grounding, ground
 from serve_app.experimenting import ExperimentCache, with_variant
 from serve_app.prompting import TemplateCache, with_template
 from serve_app.batching import BatchRunner
@@ -76,6 +76,7 @@ from serve_app.protocol import (
     UsageInfo,
 )
 from serve_app.spend import TAG_HEADER, Spend, capped_request, estimate_prompt_tokens, parse_tags
+from serve_app.pipelining import SHARED_CONNECTIONS, AutoPipeline
 from serve_app.stores import redis_client
 from serve_app.http_parts import GatewayAPI, answer_headers, client_language, lean_chat_completions
 from serve_app.ledger_buffer import LedgerBuffer
@@ -136,15 +137,17 @@ class Gateway:
     ) -> None:
         self.config = self.args_config = config
         redis = redis_client(redis_url)
+        pipeline = AutoPipeline(redis, connections=SHARED_CONNECTIONS)  # the embedded components' Redis commands
         self.keys = KeyStore(redis, os.environ.get(config.gateway.admin_key_env) or None,
                              cache_ttl_s=config.gateway.key_cache_ttl_s)
         self.models = placed_models(config, models)  # handles, or ModelServers embedded here (placement.models)
-        self.dispatcher = Dispatcher(config, self.models, CircuitBreakers(redis))
-        costs = cost_guard or CostGuard(config.cost_guard, redis_url, config.prices())
+        self.dispatcher = Dispatcher(config, self.models, CircuitBreakers(redis, pipeline))
+        costs = cost_guard or CostGuard(config.cost_guard, redis_url, config.prices(), pipeline=pipeline)
         placed = Placed("CostGuard", costs, remote=cost_guard is not None)
         self.alerter = Alerter(config.alerts, redis, budget_status=lambda: placed("budget_status"))
         self.spend = Spend(placed, on_crossings=self.alerter.notify)
-        self.guard = Placed("Guard", guard or Guard(config.guard, redis_url), remote=guard is not None)
+        self.guard = Placed("Guard", guard or Guard(config.guard, redis_url, pipeline=pipeline),
+                            remote=guard is not None)
         self.thresholds = ThresholdEvaluator(config.alerts.rules, self.alerter, lambda a, b: call(
             ledger.store.remote("overview.summary", a, b), LEDGER_CALL_TIMEOUT_S, "Ledger"),
             lambda: placed("budget_status"))
@@ -155,7 +158,8 @@ class Gateway:
         self.request_log = RequestLog(config.logs, config.stores.data_dir)
         self.adapters = AdapterIndex(config, config.stores.data_dir)
         self.cache = ResponseCache(config.cache, redis_url, semantic,  # plans and counts here either way
-                                   on_evict=lambda n: self.metrics.inc("raygate_cache_evictions", n))
+                                   on_evict=lambda n: self.metrics.inc("raygate_cache_evictions", n),
+                                   pipeline=pipeline)
         self.cached = Placed("Cache", cache or self.cache, remote=cache is not None)  # lookups and stores
         self.router = Placed("Router", router or Router(config.router, redis_url, embedder), remote=router is not None)
         self.injection = InjectionDetector(config.guard.injection, Placed("Embedder", embedder, remote=True,
@@ -328,17 +332,6 @@ class Gateway:
         self.request_log = RequestLog(self.config.logs, self.config.stores.data_dir)
         logger.info("Live settings applied: %s", sorted(k for k, v in user_config.items() if v is not None))
 
-    async def route(self, key: APIKey, body: ChatCompletionRequest, record: RequestRecord) -> ModelConfig:
-        """``model: auto``: classify the request and take the model its category (or domain) is routed to."""
-        if not self.config.router.enabled_for(key.tenant):
-            raise ModelNotFoundError("The model 'auto' needs a routing table (router.tiers).", param="model")
-        fallbacks = {m.name: m.fallbacks for m in self.config.models}
-        plan: RoutePlan = await self.router("route", query_of(body), key.tenant, fallbacks)
-        c = plan.classification
-        record.route, record.category, record.domain = plan.header(), c.category, c.domain
-        record.route_reason = f"{c.classifier}: {c.reason}"[:500]
-        return self._model(plan.model)
-
     @staticmethod
     def _route_headers(record: RequestRecord) -> dict[str, str]:
         return {ROUTE_HEADER: record.route} if record.route else {}
@@ -392,11 +385,8 @@ class Gateway:
         self.request_log.write(record)
 
     def _record_after_answer(self, *args: Any) -> None:
-        """``_record`` once the answer is written: its settle, log line, metrics and row need not delay it.
-
-        The handler returns, the answer goes out (no await on that path yields to the loop), then the
-        loop runs this: at 1 client the work overlaps the client's next request on its way in.
-        """
+        """``_record`` on the loop's next turn, after the answer is written (no await on that path yields):
+        its settle, log line, metrics and row overlap the client's next request instead of delaying this one."""
         asyncio.get_running_loop().call_soon(self._record, *args)
 
     async def _send_to_ledger(self, rows: list[RequestRecord]) -> None:

@@ -7,10 +7,13 @@ what queued up while the previous pipeline was in flight, so at 32 clients a com
 its packing and parsing and little else; a lone command goes out on the next loop turn, as
 before. Replies come back in order; one command's error reaches only its caller.
 
-One pipeline at a time needs one connection: the pipeline owns it (no pool checkout) and
-bounds each whole round trip with one deadline instead of a timer per reply. A connection
-found dead (Redis restarted) is replaced and the batch sent once more, as the pooled
-client's retry does.
+Each pipeline in flight holds one of the pipeline's own connections (no pool checkout), and
+each whole round trip has one deadline instead of a timer per reply. With one connection,
+one pipeline is in flight at a time; the Gateway shares one ``AutoPipeline`` with a few
+connections among its embedded components, so a request's guard, cost guard and cache
+commands due in the same loop turn go out in one write, and under load a pipeline need
+not wait for another's replies. A connection found dead (Redis restarted) is replaced and
+the batch sent once more, as the pooled client's retry does.
 """
 
 from __future__ import annotations
@@ -27,6 +30,9 @@ from serve_app.constants import REDIS_TIMEOUT_S
 
 MAX_BATCH = 256  # commands in one pipeline: bounds the write and the wait of the first caller
 RECONNECT_DELAY_S = 0.05
+# The Gateway's shared pipeline: a connection for each embedded component that sends commands (guard,
+# cost guard, circuits, cache), so under load none waits on the others more than with one pipeline each.
+SHARED_CONNECTIONS = 4
 
 
 class AutoPipeline:
@@ -39,15 +45,18 @@ class AutoPipeline:
         redis: the client whose server and settings the pipeline's own connection copies (and
             which loads scripts).
         timeout_s: the deadline of one round trip (a pipeline written and all its replies read).
+        connections: how many pipelines may be in flight at once (one connection each).
     """
 
-    def __init__(self, redis: aioredis.Redis, timeout_s: float = REDIS_TIMEOUT_S) -> None:
+    def __init__(self, redis: aioredis.Redis, timeout_s: float = REDIS_TIMEOUT_S, connections: int = 1) -> None:
         self.redis = redis
         self.timeout_s = timeout_s
         pool = redis.connection_pool
-        self._conn: AbstractConnection = pool.connection_class(**{**pool.connection_kwargs, "socket_timeout": None})
+        self._conns: list[AbstractConnection] = [
+            pool.connection_class(**{**pool.connection_kwargs, "socket_timeout": None}) for _ in range(connections)]
+        self._idle = list(self._conns)  # the connections no pipeline holds
         self._queue: list[tuple[tuple[Any, ...], asyncio.Future[Any]]] = []
-        self._drain: asyncio.Task[None] | None = None
+        self._starting = False  # a sender is about to take the queue: what joins it now goes with it
         self._loading: dict[str, asyncio.Future[Any]] = {}  # by SHA: concurrent NOSCRIPTs load it once
 
     def register_script(self, source: str) -> "PipelinedScript":
@@ -58,8 +67,9 @@ class AutoPipeline:
         """Run one command (``execute_command``'s arguments) in the next pipeline; return its reply."""
         future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
         self._queue.append((args, future))
-        if self._drain is None:
-            self._drain = asyncio.create_task(self._run())
+        if not self._starting and self._idle:
+            self._starting = True
+            asyncio.create_task(self._run(self._idle.pop()))
         return await future
 
     async def script(self, script: AsyncScript, keys: list[Any], args: list[Any]) -> Any:
@@ -77,17 +87,19 @@ class AutoPipeline:
             loading.add_done_callback(lambda _: self._loading.pop(script.sha, None))
         await asyncio.shield(loading)
 
-    async def _run(self) -> None:
+    async def _run(self, conn: AbstractConnection) -> None:
+        """Send what is queued on ``conn``, a pipeline at a time, until the queue is empty."""
+        self._starting = False
         try:
             while self._queue:
                 batch, self._queue = self._queue[:MAX_BATCH], self._queue[MAX_BATCH:]
-                await self._send(batch)
+                await self._send(conn, batch)
         finally:
-            self._drain = None
+            self._idle.append(conn)
 
-    async def _send(self, batch: list[tuple[tuple[Any, ...], asyncio.Future[Any]]]) -> None:
+    async def _send(self, conn: AbstractConnection, batch: list[tuple[tuple[Any, ...], asyncio.Future[Any]]]) -> None:
         try:
-            replies = await self._round_trip([args for args, _ in batch])
+            replies = await self._round_trip(conn, [args for args, _ in batch])
         except Exception as exc:  # the connection failed: every caller of the batch gets it
             for _, future in batch:
                 if not future.done():
@@ -105,31 +117,32 @@ class AutoPipeline:
             else:
                 future.set_result(reply)
 
-    async def _round_trip(self, commands: list[tuple[Any, ...]]) -> list[Any]:
+    async def _round_trip(self, conn: AbstractConnection, commands: list[tuple[Any, ...]]) -> list[Any]:
         """Write the commands, read every reply (a Redis error as a value); one retry on a dead connection."""
         try:
             async with asyncio.timeout(self.timeout_s):
                 try:
-                    return await self._write_and_read(commands)
+                    return await self._write_and_read(conn, commands)
                 except _NothingRead:  # a dead connection ran none of them: a fresh one runs them once
-                    await self._conn.disconnect()
+                    await conn.disconnect()
                     await asyncio.sleep(RECONNECT_DELAY_S)
-                    return await self._write_and_read(commands)
+                    return await self._write_and_read(conn, commands)
         except TimeoutError as exc:
-            await self._conn.disconnect(nowait=True)  # replies may still be on their way: start clean
+            await conn.disconnect(nowait=True)  # replies may still be on their way: start clean
             raise redis.exceptions.TimeoutError(f"Redis did not answer in {self.timeout_s} s") from exc
         except BaseException:
-            await self._conn.disconnect(nowait=True)
+            await conn.disconnect(nowait=True)
             raise
 
-    async def _write_and_read(self, commands: list[tuple[Any, ...]]) -> list[Any]:
+    @staticmethod
+    async def _write_and_read(conn: AbstractConnection, commands: list[tuple[Any, ...]]) -> list[Any]:
         replies: list[Any] = []
         try:
-            await self._conn.connect()  # at once when connected
-            await self._conn.send_packed_command(self._conn.pack_commands(commands), check_health=False)
+            await conn.connect()  # at once when connected
+            await conn.send_packed_command(conn.pack_commands(commands), check_health=False)
             for _ in commands:
                 try:
-                    replies.append(await self._conn.read_response())
+                    replies.append(await conn.read_response())
                 except redis.exceptions.ResponseError as exc:
                     replies.append(exc)
         except (redis.exceptions.ConnectionError, OSError) as exc:
@@ -139,8 +152,9 @@ class AutoPipeline:
         return replies
 
     async def close(self) -> None:
-        """Close the pipeline's connection."""
-        await self._conn.disconnect()
+        """Close the pipeline's connections (a later command opens one again)."""
+        for conn in self._conns:
+            await conn.disconnect()
 
 
 class _NothingRead(redis.exceptions.ConnectionError):

@@ -24,9 +24,9 @@ class Counted(AutoPipeline):
         super().__init__(redis)
         self.batches: list[int] = []
 
-    async def _send(self, batch: list[Any]) -> None:
+    async def _send(self, conn: Any, batch: list[Any]) -> None:
         self.batches.append(len(batch))
-        await super()._send(batch)
+        await super()._send(conn, batch)
 
 
 def fresh() -> str:
@@ -49,6 +49,24 @@ async def test_a_lone_command_goes_out_alone(redis: aioredis.Redis) -> None:
     assert await pipeline.execute("SET", key, "v") == "OK"  # Redis's reply, no redis-py callback
     assert await pipeline.execute("GET", key) == "v"
     assert pipeline.batches == [1, 1]
+
+
+@pytest.mark.parametrize("connections", [1, 2])
+async def test_a_second_connection_sends_while_a_pipeline_waits(redis: aioredis.Redis, connections: int) -> None:
+    """A pipeline waiting for its replies (a BLPOP here) holds its connection; a second one sends meanwhile."""
+    pipeline = AutoPipeline(redis, connections=connections)
+    key = fresh()
+    await redis.set(key, "v")
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    blocked = asyncio.ensure_future(pipeline.execute("BLPOP", fresh(), 0.5))
+    while (await redis.info("clients"))["blocked_clients"] == 0:  # until Valkey holds the BLPOP
+        assert loop.time() - started < 0.4
+    assert await pipeline.execute("GET", key) == "v"
+    waited = loop.time() - started
+    assert await blocked is None
+    assert (waited < 0.4) == (connections == 2), waited
+    await pipeline.close()
 
 
 async def test_one_commands_error_reaches_only_its_caller(redis: aioredis.Redis) -> None:
