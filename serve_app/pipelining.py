@@ -57,6 +57,7 @@ class AutoPipeline:
         self._idle = list(self._conns)  # the connections no pipeline holds
         self._queue: list[tuple[tuple[Any, ...], asyncio.Future[Any]]] = []
         self._starting = False  # a sender is about to take the queue: what joins it now goes with it
+        self._senders: set[asyncio.Task[None]] = set()  # held here: the loop keeps only weak references
         self._loading: dict[str, asyncio.Future[Any]] = {}  # by SHA: concurrent NOSCRIPTs load it once
 
     def register_script(self, source: str) -> "PipelinedScript":
@@ -69,7 +70,9 @@ class AutoPipeline:
         self._queue.append((args, future))
         if not self._starting and self._idle:
             self._starting = True
-            asyncio.create_task(self._run(self._idle.pop()))
+            sender = asyncio.create_task(self._run(self._idle.pop()))
+            self._senders.add(sender)
+            sender.add_done_callback(self._senders.discard)
         return await future
 
     async def script(self, script: AsyncScript, keys: list[Any], args: list[Any]) -> Any:
