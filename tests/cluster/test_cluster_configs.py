@@ -23,6 +23,8 @@ import ray
 import yaml
 from ray.autoscaler._private.util import prepare_config, validate_config
 
+from serve_app.up import HAPROXY_BALANCE
+
 ROOT = Path(__file__).resolve().parents[2]
 CLUSTER_YAML = ROOT / "cluster" / "ray-cluster.yaml"
 RAYSERVICE_YAML = ROOT / "cluster" / "kuberay" / "rayservice.yaml"
@@ -70,7 +72,8 @@ def check_start_commands(commands: list[str]) -> None:
     """`ray start` runs with the throughput flag, HAProxy ingress and an explicit auth mode exported."""
     start = commands[command_index(commands, "ray start")]
     before = start.split("ray start", 1)[0]
-    for needed in ("RAY_SERVE_THROUGHPUT_OPTIMIZED=1", "RAY_SERVE_ENABLE_HA_PROXY=1", "RAY_AUTH_MODE="):
+    balance = "RAY_SERVE_HAPROXY_BALANCE_ALGORITHM=$'" + HAPROXY_BALANCE.replace("\n", "\\n") + "'"  # bash's $'…'
+    for needed in ("RAY_SERVE_THROUGHPUT_OPTIMIZED=1", "RAY_SERVE_ENABLE_HA_PROXY=1", "RAY_AUTH_MODE=", balance):
         if needed not in before:
             raise ConfigError(f"{needed} is not exported before `ray start`: {start}")
 
@@ -212,6 +215,7 @@ def test_rayservice_passes_the_crd_schema() -> None:
         env = env_of(container)
         assert env["RAY_SERVE_THROUGHPUT_OPTIMIZED"]["value"] == "1", container["name"]
         assert env["RAY_SERVE_ENABLE_HA_PROXY"]["value"] == "1", container["name"]
+        assert env["RAY_SERVE_HAPROXY_BALANCE_ALGORITHM"]["value"] == HAPROXY_BALANCE, container["name"]
         admin_key = env["RAYGATE_ADMIN_KEY"]["valueFrom"]["secretKeyRef"]
         assert admin_key["name"] and admin_key["key"] and not admin_key.get("optional")
     assert len({c["image"] for c in ray_containers(cluster)}) == 1  # one image: raygate, vllm included
