@@ -95,7 +95,8 @@ class CircuitBreakerConfig(BaseConfig):
     cooldown_s: PositiveFloat = Field(30.0, description="Open time before one half-open probe.")
     state_cache_s: NonNegativeFloat = Field(
         0.5, description="How long a replica trusts its last sight of a closed circuit without asking Redis "
-                         "(another replica's opening reaches it within this; 0 asks on every call).")
+                         "(another replica's opening reaches it within this; 0 asks on every call), and holds "
+                         "its successes meanwhile to send them as one count.")
 
 
 class ModelConfig(BaseConfig):

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import time
 import uuid
 
 import pytest
@@ -102,3 +104,49 @@ async def test_a_replica_trusts_a_closed_circuit_for_state_cache_s(valkey_url: s
     assert await a.permission(other, uncached, now=1000) == "allow"
     assert await fail(b, other, 3, now=1000) == "open"
     assert await a.permission(other, uncached, now=1000) == "skip"  # 0: every call asks
+
+
+async def stored(breakers: CircuitBreakers, model: str, field: str) -> int:
+    return int((await breakers.state(model)).get(field, 0))
+
+
+async def test_successes_on_a_trusted_circuit_go_to_redis_together(breakers: CircuitBreakers, model: str) -> None:
+    """A healthy upstream costs one script per ``state_cache_s``, not one per call; the count arrives whole."""
+    cached = CONFIG.model_copy(update={"state_cache_s": 0.3})
+    now = time.time()
+    assert await breakers.permission(model, cached, now=now) == "allow"  # seen closed: trusted for 0.3 s
+    for _ in range(10):
+        assert await breakers.record(model, True, cached, now=now) == "closed"
+    assert await stored(breakers, model, "calls") == 0  # counted here, not sent yet
+    deadline = time.monotonic() + 5
+    while await stored(breakers, model, "calls") < 10 and time.monotonic() < deadline:
+        await asyncio.sleep(0.02)
+    assert await stored(breakers, model, "calls") == 10
+
+
+async def test_a_failure_carries_the_successes_before_it(breakers: CircuitBreakers, model: str) -> None:
+    cached = CONFIG.model_copy(update={"state_cache_s": 60.0})
+    assert await breakers.record(model, False, cached, now=1000) == "closed"  # consecutive 1; seen closed
+    for _ in range(3):
+        await breakers.record(model, True, cached, now=1001)
+    assert await stored(breakers, model, "calls") == 1
+    assert await breakers.record(model, False, cached, now=1002) == "closed"
+    state = await breakers.state(model)
+    assert (state["calls"], state["failures"], state["consecutive"]) == ("5", "2", "1")  # reset by the successes
+
+
+async def test_close_sends_the_successes_still_counted(valkey_url: str, model: str) -> None:
+    breakers = CircuitBreakers(redis_client(valkey_url))
+    cached = CONFIG.model_copy(update={"state_cache_s": 60.0})
+    assert await breakers.permission(model, cached, now=1000) == "allow"
+    await breakers.record(model, True, cached, now=1000)
+    await breakers.record(model, True, cached, now=1000)
+    await breakers.close()
+    assert await stored(breakers, model, "calls") == 2
+
+
+async def test_without_a_state_cache_every_success_is_sent(breakers: CircuitBreakers, model: str) -> None:
+    uncached = CONFIG.model_copy(update={"state_cache_s": 0.0})
+    assert await breakers.permission(model, uncached, now=1000) == "allow"
+    await breakers.record(model, True, uncached, now=1000)
+    assert await stored(breakers, model, "calls") == 1
