@@ -23,8 +23,8 @@ from typing import Literal
 import redis.asyncio as aioredis
 
 from serve_app.config import CircuitBreakerConfig
-from serve_app.pipelining import AutoPipeline
 from serve_app.errors import RaygateError
+from serve_app.pipelining import AutoPipeline
 from serve_app.stores import map_redis_errors
 
 logger = logging.getLogger(__name__)
