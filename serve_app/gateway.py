@@ -8,6 +8,7 @@ client's path and is batched.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import os
 import time
@@ -384,10 +385,14 @@ class Gateway:
         self.batches.observe(record)
         self.request_log.write(record)
 
-    def _record_after_answer(self, *args: Any) -> None:
-        """``_record`` on the loop's next turn, after the answer is written (no await on that path yields):
-        its settle, log line, metrics and row overlap the client's next request instead of delaying this one."""
-        asyncio.get_running_loop().call_soon(self._record, *args)
+    def _record_after_answer(self, record: RequestRecord, started: float, model: ModelConfig | None,
+                             usage: UsageInfo | None, error: RaygateError | None, attempts: list[Attempt]) -> None:
+        """``_record`` on the loop's next turn, after the answer is written (no await on that path yields).
+        The settle's task, made now, queues its script on that turn before the bookkeeping: one round trip
+        with the token correction and the cache store, not one riding with the next request's admission."""
+        self.spend.finish(record.id, model, usage)
+        asyncio.get_running_loop().call_soon(
+            functools.partial(self._record, record, started, model, usage, error, attempts, reserved=False))
 
     async def _send_to_ledger(self, rows: list[RequestRecord]) -> None:
         await call(self.ledger.record.remote(rows), LEDGER_CALL_TIMEOUT_S, "Ledger")
