@@ -8,7 +8,6 @@ No Ray cluster: Ray's ``HAProxyApi`` writes the config it would write in a clust
 from __future__ import annotations
 
 import asyncio
-import socket
 import time
 from collections import Counter
 from collections.abc import AsyncIterator
@@ -21,14 +20,9 @@ from ray.serve._private.haproxy import BackendConfig, HAProxyApi, HAProxyConfig,
 from ray.serve.config import HTTPOptions
 
 from serve_app.up import HAPROXY_BALANCE, cluster_env
+from tests.integration.conftest import free_port
 
 PATH = "/v1/chat/completions"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 class Replicas:
