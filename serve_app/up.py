@@ -36,8 +36,8 @@ DASHBOARD_PORT = 8265
 # Each path prefers one Gateway replica until that replica holds more than its share of the requests
 # in flight, then the next: a few clients' requests stay on one warm replica, where Ray's default
 # `leastconn` alternates them (about 0.5 ms more CPU and latency a request at 1 client, measured in
-# bench/RESULTS.md, "Hot-path cuts, round 5"), and under load the in-flight
-# requests split evenly, as with `leastconn`.
+# bench/RESULTS.md, "Hot-path cuts, round 5"), and under load the in-flight requests split evenly,
+# as with `leastconn`.
 HAPROXY_BALANCE = "uri\n    hash-type consistent\n    hash-balance-factor 101"
 
 
