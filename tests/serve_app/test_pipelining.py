@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 import redis.asyncio as aioredis
-from redis.exceptions import ConnectionError as RedisConnectionError, ResponseError
+from redis.exceptions import ConnectionError as RedisConnectionError, DataError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from serve_app.pipelining import AutoPipeline
@@ -76,6 +76,16 @@ async def test_one_commands_error_reaches_only_its_caller(redis: aioredis.Redis)
     results = await asyncio.gather(pipeline.execute("INCR", text), pipeline.execute("INCR", counter),
                                    return_exceptions=True)
     assert isinstance(results[0], ResponseError) and results[1] == 1
+
+
+async def test_an_argument_redis_cannot_take_fails_only_its_caller(redis: aioredis.Redis) -> None:
+    pipeline = AutoPipeline(redis)
+    key = fresh()
+    results = await asyncio.gather(pipeline.execute("SET", fresh(), None), pipeline.execute("SET", key, "é 1.5"),
+                                   pipeline.execute("INCRBYFLOAT", fresh(), 0.1), return_exceptions=True)
+    assert isinstance(results[0], DataError), results[0]
+    assert results[1:] == ["OK", "0.1"]
+    assert await redis.get(key) == "é 1.5"
 
 
 async def test_a_flushed_script_is_loaded_once_again(redis: aioredis.Redis) -> None:
