@@ -28,7 +28,7 @@ from typing import Any
 
 import numpy as np
 
-from deployments.literals import ascii_lower, may_match, required_literals
+from deployments.literals import ascii_lower, contained, may_match, required_literals
 from serve_app.errors import InvalidRequestError
 from serve_app.guard_config import InjectionConfig
 from serve_app.placement import Placed
@@ -141,6 +141,7 @@ _RULES: dict[str, list[str]] = {
 }
 _COMPILED = {rule: [re.compile(p, _FLAGS) for p in patterns] for rule, patterns in _RULES.items()}
 _GATED = {rule: [(required_literals(p), p) for p in compiled] for rule, compiled in _COMPILED.items()}
+_LITERALS = frozenset().union(*(literals for gated in _GATED.values() for literals, _ in gated if literals))
 _LEET = str.maketrans({"0": "o", "1": "i", "3": "e", "4": "a", "5": "s", "7": "t", "@": "a", "$": "s", "!": "i"})
 _LEET_CHARS = frozenset("013457@$!")
 _HEX_WORD = re.compile(r"[0-9a-fA-F]+")  # an ID or a hash ("3f9a2c"), not leetspeak
@@ -205,9 +206,9 @@ def _unleet(match: re.Match[str]) -> str:
 def match_patterns(text: str) -> list[str]:
     """Names of the pattern rules the text (or its de-obfuscated copy) matches."""
     plain = deobfuscate(text)
-    variants = [(v, ascii_lower(v)) for v in ((text,) if plain == text else (text, plain))]  # mostly one scan
+    variants = [(v, contained(_LITERALS, ascii_lower(v))) for v in ((text,) if plain == text else (text, plain))]
     return [f"pattern:{rule}" for rule, gated in _GATED.items()
-            if any(may_match(literals, lowered) and p.search(v) for literals, p in gated for v, lowered in variants)]
+            if any(may_match(literals, found) and p.search(v) for literals, p in gated for v, found in variants)]
 
 
 @functools.lru_cache(maxsize=4096)

@@ -5,6 +5,7 @@ cost ~55 us on a short prompt that none of them matches. Most patterns cannot ma
 without one of a few words (``ignore``, ``prompt``, ``system`` ...); a substring test
 for those (a few hundred nanoseconds) decides that most patterns need not run at all.
 The words come from the compiled pattern's own parse tree, so they cannot drift from it.
+Callers test each word once per text (``contained``), not once per pattern that needs it.
 
 The gate is exact only where ``str.lower()`` is ``re.IGNORECASE``'s folding: ASCII text
 (``"ı"`` and ``"İ"`` match ``i`` under ``IGNORECASE``, ``"ſ"`` matches ``s``). Callers run
@@ -32,9 +33,14 @@ def required_literals(pattern: re.Pattern[str]) -> frozenset[str] | None:
     return frozenset(found) if found else None
 
 
-def may_match(literals: frozenset[str] | None, lowered: str | None) -> bool:
-    """Whether a pattern with these ``literals`` can match text whose lowercase (ASCII text only) is ``lowered``."""
-    return literals is None or lowered is None or any(literal in lowered for literal in literals)
+def contained(literals: frozenset[str], lowered: str | None) -> frozenset[str] | None:
+    """Which of ``literals`` are in text whose lowercase (ASCII text only) is ``lowered``; None where not ASCII."""
+    return None if lowered is None else frozenset([literal for literal in literals if literal in lowered])
+
+
+def may_match(literals: frozenset[str] | None, found: frozenset[str] | None) -> bool:
+    """Whether a pattern with these ``literals`` can match text that contains ``found`` (``contained``'s answer)."""
+    return literals is None or found is None or not literals.isdisjoint(found)
 
 
 def ascii_lower(text: str) -> str | None:
