@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import gc
 import logging
 import os
 import time
@@ -137,6 +138,7 @@ class Gateway:
         cache: DeploymentHandle | None = None,
     ) -> None:
         self.config = self.args_config = config
+        gc.set_threshold(config.gateway.gc_threshold)  # the young generation only; Serve freezes the startup heap
         redis = redis_client(redis_url)
         pipeline = AutoPipeline(redis, connections=SHARED_CONNECTIONS)  # the embedded components' Redis commands
         self.keys = KeyStore(redis, os.environ.get(config.gateway.admin_key_env) or None,

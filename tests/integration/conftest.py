@@ -27,6 +27,7 @@ from tests.fake_upstream import FakeUpstream
 
 # Replicas inherit the environment Ray starts with: set before ray.init.
 UPSTREAM_KEY = "sk-upstream-test"
+GC_THRESHOLD = 12_345  # test_gateway_process: neither Python's default nor raygate's
 os.environ["RAYGATE_TEST_UPSTREAM_KEY"] = UPSTREAM_KEY
 
 
@@ -212,7 +213,7 @@ def app_args(data_dir: Path, redis_url: str, upstream_url: str, flaky_url: str) 
         "guard": {**NO_RATE_LIMITS, "injection": {"tenant_actions": {INJECTION_BLOCKING_TENANT: "block"}}},
         "conversations": {"summary_model": "echo", "summary_max_tokens": CONVERSATION_SUMMARY_TOKENS},
         "gateway": {"max_body_bytes": 65536, "max_image_bytes": 16384, "ledger_flush_interval_s": 0.1,
-                    "unavailable_messages": {"fr": UNAVAILABLE_FR}},
+                    "unavailable_messages": {"fr": UNAVAILABLE_FR}, "gc_threshold": GC_THRESHOLD},
         # test_observability creates the budget at run time and drives the rule both ways.
         # test_batches_gateway: a lost replica's batch is taken over within 2 s; batch work pauses while
         # interactive requests take over 1.5 s to a first byte.
