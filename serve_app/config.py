@@ -181,11 +181,11 @@ class GatewaySettings(BaseConfig):
                          "request). A revocation reaches every replica at once through Redis pub/sub; this "
                          "bounds it while that subscription is down.")
     ledger_flush_interval_s: PositiveFloat = Field(0.5, description="Ledger rows are sent in batches this often.")
+    ledger_batch_size: PositiveInt = Field(256, description="... or when this many are buffered.")
     gc_threshold: int = Field(
         10_000, ge=700, description="Allocations between the replica's young garbage collections (Python's "
                                     "default: 700). At 700 the collector cost ~0.1 ms of a request's ~1 ms of "
-                                    "Gateway CPU under load (bench/RESULTS.md); each collection then walks more.")
-    ledger_batch_size: PositiveInt = Field(256, description="... or when this many are buffered.")
+                                    "Gateway CPU under load (bench/RESULTS.md). Higher: rarer, longer pauses.")
     unavailable_message: str = Field(
         "The AI service is temporarily unavailable. Please try again in a moment.",
         description="What clients read when no model could answer.",
