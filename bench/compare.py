@@ -32,7 +32,7 @@ The semantic cache is turned off in raygate's config (it embeds every cacheable 
 feature, with its own benchmark in ``bench.semantic_cache --latency``). raygate runs in a subprocess
 with a fresh local Ray cluster (``RAY_SERVE_THROUGHPUT_OPTIMIZED=1``, access logs off), as
 ``bench.overhead`` does. CPU per request comes from psutil over each server's process tree; the load
-generator (aiohttp, one connection per client) measures its own CPU too.
+generator (``bench.loadgen``: one keep-alive connection per client, httptools) measures its own CPU too.
 
 Usage::
 
@@ -60,6 +60,7 @@ from typing import Any
 
 from bench.compare_servers import (MODELS, ensure_litellm, litellm_server, litellm_version, raygate_server,
                                     roles_ms, serve_raygate, tree_cpu)
+from bench.loadgen import Connection
 
 LOGS = Path(tempfile.gettempdir()) / "raygate-bench-compare-logs"
 ROUNDS_MS = (0, 50)
@@ -164,67 +165,64 @@ class Counter:
         return f"Say hello to the benchmark. Request {self.nonce}-{self.i}."
 
 
-async def _call(session: Any, target: Target, url: str, model: str, stream: bool,
+async def _call(conn: Connection, target: Target, model: str, stream: bool,
                 counter: Counter) -> tuple[str | None, float, float | None]:
     """Send one request; return (error kind or None, total ms, time to first token ms)."""
     prompt = counter.prompt() if target.unique else HIT_PROMPT
     started = time.perf_counter()
-    ttft: float | None = None
     try:
-        async with session.post(url, data=_body(model, stream, prompt), headers=target.headers) as resp:
-            if resp.status != 200:
-                return _error_kind(resp.status, await resp.read()), (time.perf_counter() - started) * 1000, None
-            cache = resp.headers.get("x-raygate-cache")
-            if not stream:
-                data = await resp.read()
-                error = None if b'"choices"' in data else "no choices in body"
-            else:
-                done = False
-                async for line in resp.content:
-                    if ttft is None and CONTENT_RE.search(line):
-                        ttft = (time.perf_counter() - started) * 1000
-                    done = done or line.startswith(b"data: [DONE]")
-                error = None if done and ttft is not None else "stream without content or [DONE]"
-            if error is None and target.cache is not None and cache != target.cache:
-                error = f"x-raygate-cache {cache} (expected {target.cache})"
-            return error, (time.perf_counter() - started) * 1000, ttft
+        async with asyncio.timeout(REQUEST_TIMEOUT_S):
+            answer = await conn.post(_body(model, stream, prompt), CONTENT_RE if stream else None)
     except Exception as exc:  # noqa: BLE001 - a failed request is counted by kind, not fatal
-        return type(exc).__name__, (time.perf_counter() - started) * 1000, ttft
+        conn.close()  # an answer still on its way must not be read as the next one's
+        return type(exc).__name__, (time.perf_counter() - started) * 1000, None
+    total_ms = (time.perf_counter() - started) * 1000
+    if answer.status != 200:
+        return _error_kind(answer.status, bytes(answer.body)), total_ms, None
+    if not stream:
+        error = None if b'"choices"' in answer.body else "no choices in body"
+    else:
+        done = b"data: [DONE]" in answer.body
+        error = None if done and answer.ttft_ms is not None else "stream without content or [DONE]"
+    if error is None and target.cache is not None and answer.cache != target.cache:
+        error = f"x-raygate-cache {answer.cache} (expected {target.cache})"
+    return error, total_ms, answer.ttft_ms
 
 
 async def run_phase(target: Target, latency_ms: int, stream: bool, concurrency: int, n: int, max_s: float,
                     upstream_pid: int, counter: Counter) -> Phase:
     """Warm up, then send ``n`` requests from ``concurrency`` clients (no call starts after ``max_s``)."""
-    import aiohttp
     import psutil
 
     from bench.harness import percentile
 
     url, model = target.urls[latency_ms], MODELS[latency_ms]
     me = psutil.Process()
-    connector = aiohttp.TCPConnector(limit=concurrency, limit_per_host=concurrency)
-    timeout = aiohttp.ClientTimeout(total=REQUEST_TIMEOUT_S)
-    async with aiohttp.ClientSession(connector=connector, timeout=timeout) as session:
+    connections = [Connection(url, target.headers) for _ in range(concurrency)]  # one per client, kept alive
+    try:
         results: list[tuple[str | None, float, float | None]] = []
         remaining, deadline = max(20, 2 * concurrency), float("inf")
 
-        async def worker(record: bool) -> None:
+        async def worker(conn: Connection, record: bool) -> None:
             nonlocal remaining
             while remaining > 0 and time.perf_counter() < deadline:
                 remaining -= 1
-                result = await _call(session, target, url, model, stream, counter)
+                result = await _call(conn, target, model, stream, counter)
                 if record:
                     results.append(result)
 
-        await asyncio.gather(*(worker(False) for _ in range(concurrency)))
+        await asyncio.gather(*(worker(conn, False) for conn in connections))
         load_avg = os.getloadavg()[0]
         other = "ray" if target.cell.startswith("raygate") else target.cell  # what no marker names
         server0, upstream0 = tree_cpu(target.server_pids, other), tree_cpu([upstream_pid], "upstream")
         client0, started = sum(me.cpu_times()[:2]), time.perf_counter()
         remaining, deadline = n, started + max_s
-        await asyncio.gather(*(worker(True) for _ in range(concurrency)))
+        await asyncio.gather(*(worker(conn, True) for conn in connections))
         wall_s, client1 = time.perf_counter() - started, sum(me.cpu_times()[:2])
         server1, upstream1 = tree_cpu(target.server_pids, other), tree_cpu([upstream_pid], "upstream")
+    finally:
+        for conn in connections:
+            conn.close()
     done = len(results)
     errors: dict[str, int] = {}
     for error, _, _ in results:
