@@ -56,7 +56,6 @@ import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
 
 from bench.compare_servers import (MODELS, ensure_litellm, litellm_server, litellm_version, raygate_server,
                                     roles_ms, serve_raygate, tree_cpu)
