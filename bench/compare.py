@@ -56,16 +56,20 @@ import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from bench.compare_servers import (MODELS, ensure_litellm, litellm_server, litellm_version, raygate_server,
                                     roles_ms, serve_raygate, tree_cpu)
-from bench.loadgen import Connection
+
+if TYPE_CHECKING:  # imported where it runs: --from-json needs only the stdlib and matplotlib
+    from bench.loadgen import Connection
 
 LOGS = Path(tempfile.gettempdir()) / "raygate-bench-compare-logs"
 ROUNDS_MS = (0, 50)
 CONCURRENCY = (1, 32, 128)
 HIT_PROMPT = "What is the capital of France? Answer in one word."
 REQUEST_TIMEOUT_S = 60
+CLIENT = "`bench.loadgen` (httptools) with one kept-alive connection per client"
 MIN_CPU_WALL_S = 0.5  # shorter phases: no CPU figure (psutil counts 10 ms ticks)
 CONTENT_RE = re.compile(rb'"content":\s*"[^"]')  # a chunk that carries text (not the empty role chunk)
 RESULTS = Path(__file__).with_name("RESULTS.md")
@@ -194,6 +198,7 @@ async def run_phase(target: Target, latency_ms: int, stream: bool, concurrency: 
     import psutil
 
     from bench.harness import percentile
+    from bench.loadgen import Connection
 
     url, model = target.urls[latency_ms], MODELS[latency_ms]
     me = psutil.Process()
@@ -373,7 +378,8 @@ def main(argv: list[str] | None = None) -> int:
             "litellm": litellm_version() if any(c.startswith("litellm") for c in cells) else "–",
             "load": (f"{load.n1} requests at 1 client, {load.n_many} at 32 and 128; streamed {load.n1_stream} and "
                      f"{load.n_many_stream}; half as many at 1 client in the 50 ms round, five times as many for "
-                     f"the bare upstream at 0 ms; each phase capped at {load.max_s:.0f} s")}
+                     f"the bare upstream at 0 ms; each phase capped at {load.max_s:.0f} s"),
+            "client": CLIENT}
     Path(args.json_out).write_text(json.dumps({"meta": meta, "phases": [asdict(p) for p in phases]}, indent=1))
     print(f"saved every figure to {args.json_out}", flush=True)
     report(phases, meta, not args.no_write)

@@ -215,7 +215,8 @@ def section(phases: list[Phase], meta: dict[str, Any]) -> str:
         "(`placement.models: deployment`). `raygate cache hit` = one request repeated after a warm-up "
         "(every answer must carry `x-raygate-cache: hit`; 0 ms round only).",
         f"- **Load**: {meta['load']}. Each phase after a warm-up of max(20, 2 × clients) requests, "
-        "aiohttp with one connection per client (closed loop). Latencies in ms; `added` = this cell minus "
+        f"{meta.get('client', 'aiohttp with one connection per client')} (closed loop). Latencies in ms; "
+        "`added` = this cell minus "
         "`upstream` at the same concurrency (p50 / p99). Streaming: `stream: true`, 16 content chunks; TTFT "
         "= time to the first chunk that carries text.",
         "- **CPU**: ms per request by psutil over each server's process tree (raygate: Ray's GCS, raylet, "
