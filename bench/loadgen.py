@@ -55,15 +55,13 @@ class Connection(asyncio.Protocol):
         self._parser: httptools.HttpResponseParser | None = None
         self._answer: Answer | None = None
         self._done: asyncio.Future[None] | None = None
-        self._header: bytes = b""
         self._keep_alive = True
 
     async def post(self, body: bytes, content_re: re.Pattern[bytes] | None = None) -> Answer:
         """Send ``body``; return the whole answer (raises ``ConnectionError`` if the server hangs up first)."""
-        if self._transport is None or self._transport.is_closing():
-            loop = asyncio.get_running_loop()
-            await loop.create_connection(lambda: self, self._host, self._port)
         loop = asyncio.get_running_loop()
+        if self._transport is None or self._transport.is_closing():
+            await loop.create_connection(lambda: self, self._host, self._port)
         self._answer = Answer(content_re, time.perf_counter())
         self._done = loop.create_future()
         self._parser = httptools.HttpResponseParser(self)
@@ -76,6 +74,7 @@ class Connection(asyncio.Protocol):
         return answer
 
     def close(self) -> None:
+        """Close the connection (the next ``post`` opens another)."""
         if self._transport is not None:
             self._transport.close()
             self._transport = None
