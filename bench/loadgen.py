@@ -1,7 +1,7 @@
 """bench.compare's load generator: one keep-alive HTTP/1.1 connection per client, parsed by httptools.
 
 On 2 shared cores the load generator takes CPU from the server it measures. aiohttp's client
-spends 0.16–0.19 ms of CPU a request at raygate's rates; this one writes a prebuilt request
+spends 0.16–0.20 ms of CPU a request at raygate's rates; this one writes a prebuilt request
 head and lets httptools (uvicorn's C parser) read the answer, for a fraction of that
 (bench/RESULTS.md, "Hot-path cuts, round 7"). It does only what the benchmark needs: POST with
 a JSON body, answers framed by Content-Length or chunked encoding, a new connection when the
