@@ -177,7 +177,8 @@ def raygate_server(placement: str, upstreams: dict[int, str], tmp: Path, *,
 
         fixed = ("RAY_SERVE_FALLBACK_PROXY_HTTP_PORT", "RAY_SERVE_HAPROXY_STATS_PORT", "RAY_SERVE_HAPROXY_METRICS_PORT")
         env.update({var: str(free_port()) for var in fixed})
-        env.update({var: value for var, value in HAPROXY_ENV.items() if var not in os.environ})  # as `raygate up`
+        for var, value in HAPROXY_ENV.items():  # as `raygate up` (cluster_env)
+            env.setdefault(var, value)
     log = tmp / f"{name}.log"
     with process_group(cmd, log, env=env, stop_timeout_s=90) as proc:
         info = _wait_for(lambda: json.loads(ready.read_text()) if ready.exists() else None, proc, log, name)
